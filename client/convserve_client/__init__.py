@@ -1,0 +1,47 @@
+"""convserve's Python client SDK: images in, labels out.
+
+>>> from convserve_client import Client
+>>> with Client("localhost:8500") as client:
+...     print(client.classify(["cat.jpg"], top_k=3)[0].label)
+"""
+
+from __future__ import annotations
+
+from convserve_client.aio import AsyncClient
+from convserve_client.client import Client
+from convserve_client.errors import (
+    AuthenticationError,
+    ConvserveError,
+    DeadlineExceededError,
+    ImageError,
+    InvalidArgumentError,
+    NotFoundError,
+    OverloadedError,
+    ServerError,
+    UnavailableError,
+)
+from convserve_client.model_card import ModelCard
+from convserve_client.preprocessing import PreprocessingSpec, preprocess, preprocess_batch
+from convserve_client.types import Classification, ModelInfo, Prediction, RetryPolicy
+
+__all__ = [
+    "AsyncClient",
+    "AuthenticationError",
+    "Classification",
+    "Client",
+    "ConvserveError",
+    "DeadlineExceededError",
+    "ImageError",
+    "InvalidArgumentError",
+    "ModelCard",
+    "ModelInfo",
+    "NotFoundError",
+    "OverloadedError",
+    "Prediction",
+    "PreprocessingSpec",
+    "RetryPolicy",
+    "ServerError",
+    "UnavailableError",
+    "preprocess",
+    "preprocess_batch",
+]

@@ -1,0 +1,124 @@
+"""Conversions between the SDK's types and the Classifier API's messages, shared by both clients."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from convserve_client.errors import ConvserveError, ImageError
+from convserve_client.model_card import ModelCard
+from convserve_client.preprocessing import ImageInput, PreprocessingSpec, describe_source, preprocess
+from convserve_client.protos import classifier_pb2
+from convserve_client.types import Classification, ModelInfo, Prediction
+
+
+@dataclass(frozen=True)
+class PreparedImages:
+    """Preprocessed good images, and per input slot either a row index or the image's error."""
+
+    batch: np.ndarray
+    slots: list[int | ImageError]
+
+
+def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """A single image as a one-item list; a sequence (or an N×H×W×C array) as a list of images."""
+    if isinstance(images, np.ndarray):
+        return [images] if images.ndim in (2, 3) else list(images)
+    if isinstance(images, (str, bytes, bytearray, memoryview, Image.Image, os.PathLike)):
+        return [images]
+    return list(images)
+
+
+def prepare_images(images: Sequence[ImageInput], spec: PreprocessingSpec) -> PreparedImages:
+    """Preprocess every image, recording (not raising) the error of each one that fails."""
+    rows: list[np.ndarray] = []
+    slots: list[int | ImageError] = []
+    for index, image in enumerate(images):
+        try:
+            rows.append(preprocess(image, spec))
+            slots.append(len(rows) - 1)
+        except ImageError as exc:
+            exc.index = index
+            slots.append(exc)
+        except Exception as exc:  # a decoder's own bug must still be that image's error alone
+            slots.append(ImageError(f"{describe_source(image)}: {exc}", describe_source(image), index))
+    shape = (len(rows), spec.height, spec.width, spec.channels)
+    batch = np.stack(rows) if rows else np.empty(shape, dtype=np.float32)
+    return PreparedImages(batch=batch, slots=slots)
+
+
+def chunk_bounds(rows: int, max_rows: int) -> list[tuple[int, int]]:
+    """Split ``rows`` into consecutive [start, stop) ranges of at most ``max_rows``."""
+    if max_rows < 1:
+        raise ValueError("max_rows must be >= 1")
+    return [(start, min(start + max_rows, rows)) for start in range(0, rows, max_rows)]
+
+
+def rows_per_request(info: ModelInfo, max_request_bytes: int) -> int:
+    """Images per request: the server's maximum batch, and no more than fits in one message."""
+    spec = info.preprocessing
+    image_bytes = spec.height * spec.width * spec.channels * 4
+    return max(1, min(info.max_batch_size, max_request_bytes // image_bytes))
+
+
+def classify_request(
+    batch: np.ndarray, model_name: str, model_version: str, top_k: int, include_probabilities: bool
+) -> classifier_pb2.ClassifyRequest:
+    """A ClassifyRequest carrying ``batch`` as raw little-endian float32."""
+    data = np.ascontiguousarray(batch, dtype="<f4")
+    return classifier_pb2.ClassifyRequest(
+        model_name=model_name,
+        model_version=model_version,
+        images=data.tobytes(),
+        shape=list(data.shape),
+        top_k=top_k,
+        include_probabilities=include_probabilities,
+    )
+
+
+def parse_classify_response(response: classifier_pb2.ClassifyResponse, expected: int) -> list[Classification]:
+    """The typed results of one response; checks it answers every image sent."""
+    if len(response.results) != expected:
+        raise ConvserveError(f"server answered {len(response.results)} results for {expected} images")
+    return [
+        Classification(
+            top_k=tuple(Prediction(p.label, p.score, p.class_index) for p in result.top_k),
+            probabilities=np.asarray(result.probabilities, dtype=np.float32) if result.probabilities else None,
+        )
+        for result in response.results
+    ]
+
+
+def parse_model_info(message: classifier_pb2.ModelInfo) -> ModelInfo:
+    """The typed form of a ModelInfo message."""
+    card = ModelCard.from_json(message.model_card_json)
+    return ModelInfo(
+        name=message.name,
+        version=message.version,
+        versions=tuple(message.versions),
+        labels=tuple(message.labels),
+        preprocessing=PreprocessingSpec.from_json(message.preprocessing_json),
+        max_batch_size=message.max_batch_size,
+        execution_provider=message.execution_provider,
+        card=card,
+    )
+
+
+def assemble(slots: list[int | ImageError], results: list[Classification]) -> list[Classification | ImageError]:
+    """Results back in input order, with each failed image's error in its place."""
+    return [slot if isinstance(slot, ImageError) else results[slot] for slot in slots]
+
+
+def check_top_k(top_k: int, labels: int) -> None:
+    """Refuse a top_k the model cannot answer before anything is sent."""
+    if not 1 <= top_k <= labels:
+        raise ValueError(f"top_k must be between 1 and {labels}, got {top_k}")
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying a bearer token, if one is set."""
+    return (("authorization", f"Bearer {token}"),) if token else ()

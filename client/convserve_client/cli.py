@@ -1,0 +1,101 @@
+"""``convserve-classify``: classify image files from the shell.
+
+Prints one line per image (or one JSON document with ``--json``).  An image
+that cannot be read is reported on stderr and the rest are still classified;
+the exit status is 1 if any image failed, 2 for a bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+
+from convserve_client.client import DEFAULT_TIMEOUT_S, Client
+from convserve_client.errors import ConvserveError, ImageError
+from convserve_client.types import Classification
+
+_PROG = "convserve-classify"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
+    parser = argparse.ArgumentParser(prog=_PROG, description="Classify images with a convserve server.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    parser.add_argument("--server", default="localhost:8500", help="server address HOST:PORT (default %(default)s)")
+    parser.add_argument("--model", default="", help="model name (default: the server's model)")
+    parser.add_argument("--model-version", default="", help="model version (default: the newest)")
+    parser.add_argument("--top-k", type=int, default=1, help="labels to print per image (default %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per call (default %(default)s)")
+    parser.add_argument("--tls-ca", type=Path, help="PEM file of the CA that signed the server's certificate (turns on TLS)")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate PEM, for mutual TLS")
+    parser.add_argument("--tls-key", type=Path, help="client private key PEM, for mutual TLS")
+    parser.add_argument("--token", help="bearer token, when the server requires one")
+    return parser
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if args.tls_ca is None:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=args.tls_ca.read_bytes(),
+        private_key=args.tls_key.read_bytes() if args.tls_key else None,
+        certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
+    )
+
+
+def _as_json(path: str, result: Classification | ImageError) -> dict[str, object]:
+    if isinstance(result, ImageError):
+        return {"image": path, "error": result.message}
+    return {
+        "image": path,
+        "label": result.label,
+        "score": result.score,
+        "top_k": [{"label": p.label, "score": p.score} for p in result.top_k],
+    }
+
+
+def _as_line(path: str, result: Classification) -> str:
+    return f"{path}\t" + "\t".join(f"{p.label} {p.score:.4f}" for p in result.top_k)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.top_k < 1:
+        print(f"{_PROG}: error: --top-k must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        with Client(
+            args.server, model_name=args.model, model_version=args.model_version, timeout=args.timeout,
+            credentials=_credentials(args), token=args.token,
+        ) as client:
+            results = client.classify(args.images, top_k=args.top_k, errors="return")
+    except (ConvserveError, ValueError, OSError) as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    failed = 0
+    for path, result in zip(args.images, results):
+        if isinstance(result, ImageError):
+            failed += 1
+            if not args.json:
+                print(f"{_PROG}: {result.message}", file=sys.stderr)
+        elif not args.json:
+            print(_as_line(path, result))
+    if args.json:
+        print(json.dumps([_as_json(path, result) for path, result in zip(args.images, results)], indent=2))
+    return 1 if failed else 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,76 @@
+"""The client's exceptions: each keeps the gRPC status code and the server's message."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ConvserveError(Exception):
+    """Base of every error the SDK raises."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+    def __str__(self) -> str:
+        return self.message if self.code is None else f"{self.code.name}: {self.message}"
+
+
+class InvalidArgumentError(ConvserveError):
+    """The server rejected the request's content (INVALID_ARGUMENT)."""
+
+
+class NotFoundError(ConvserveError):
+    """Unknown model, version or output (NOT_FOUND)."""
+
+
+class UnavailableError(ConvserveError):
+    """The server is down, not ready or draining (UNAVAILABLE); retried before it is raised."""
+
+
+class OverloadedError(ConvserveError):
+    """The server's queue is full (RESOURCE_EXHAUSTED); retried before it is raised."""
+
+
+class DeadlineExceededError(ConvserveError):
+    """The call ran out of time (DEADLINE_EXCEEDED)."""
+
+
+class AuthenticationError(ConvserveError):
+    """Missing or wrong credentials (UNAUTHENTICATED or PERMISSION_DENIED)."""
+
+
+class ServerError(ConvserveError):
+    """Any other status the server answered with."""
+
+
+class ImageError(ConvserveError, ValueError):
+    """An input image could not be read or decoded; names the image."""
+
+    def __init__(self, message: str, source: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.source = source
+        self.index = index
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ConvserveError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: OverloadedError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: AuthenticationError,
+}
+
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+"""Status codes worth another try: the request itself was fine."""
+
+
+def from_rpc_error(error: grpc.RpcError) -> ConvserveError:
+    """Translate a ``grpc.RpcError`` into the matching :class:`ConvserveError`."""
+    code = error.code() if hasattr(error, "code") else None
+    details = (error.details() if hasattr(error, "details") else None) or str(error)
+    cls = _BY_CODE.get(code, ServerError) if code is not None else ServerError
+    return cls(details, code)

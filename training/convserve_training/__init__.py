@@ -1,0 +1,1 @@
+"""Offline training of the convserve CNN and its export to ONNX (needs TensorFlow)."""
