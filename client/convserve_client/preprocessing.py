@@ -126,7 +126,9 @@ def _decode(stream: io.BytesIO, source: str) -> np.ndarray:
         with Image.open(stream) as opened:
             opened.load()
             return _pil_to_rgb(ImageOps.exif_transpose(opened))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{source}: not a recognised image format", source=source) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{source}: cannot decode image: {exc}", source=source) from exc
 
 

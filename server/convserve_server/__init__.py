@@ -1,0 +1,1 @@
+"""convserve's inference server: ONNX Runtime behind gRPC, with a dynamic batcher."""

@@ -1,0 +1,142 @@
+"""Building, starting and stopping the gRPC server around the core.
+
+    server = await create_server(config)      # models loaded and checked, port bound
+    await server.start()                      # listening; health NOT_SERVING until warmed, then SERVING
+    ...
+    await server.shutdown()                   # NOT_SERVING, refuse new work, answer accepted work, stop
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from convserve_client.protos import classifier_pb2, classifier_pb2_grpc, grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from convserve_server.auth import BearerTokenInterceptor
+from convserve_server.config import ServerConfig
+from convserve_server.core import InferenceCore
+from convserve_server.metrics import ServerMetrics
+from convserve_server.servicers.classifier import ClassifierServicer
+from convserve_server.servicers.inference import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
+)
+
+
+def _channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+    if config.workers > 1:
+        options.append(("grpc.so_reuseport", 1))
+    else:
+        options.append(("grpc.so_reuseport", 0))  # a second server on a busy port must fail, not share it
+    return options
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=config.tls_client_ca.read_bytes() if config.tls_client_ca else None,
+        require_client_auth=config.tls_client_ca is not None,
+    )
+
+
+class ConvserveServer:
+    """A gRPC server, its core, health and metrics; see the module docstring for its lifecycle."""
+
+    def __init__(self, config: ServerConfig, core: InferenceCore, metrics: ServerMetrics | None) -> None:
+        self.config = config
+        self.core = core
+        self.metrics = metrics
+        self.health = health.aio.HealthServicer()
+        interceptors = []
+        if config.auth_token is not None:
+            interceptors.append(BearerTokenInterceptor(config.auth_token.get_secret_value()))
+        self._server = grpc.aio.server(options=_channel_options(config), interceptors=interceptors)
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, metrics), self._server)
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(core, metrics), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self._server,
+        )
+        address = f"{config.host}:{config.port}"
+        credentials = _server_credentials(config)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
+        self.metrics_port: int | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for service in ("", *SERVICE_NAMES):
+            await self.health.set(service, status)
+
+    async def start_listening(self) -> None:
+        """Accept connections; health says NOT_SERVING until :meth:`warm_up` is done."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.start()
+        if self.metrics is not None and self.config.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve_http(self.config.metrics_host, self.config.metrics_port)
+        log.info("listening on %s:%d (metrics port %s)", self.config.host, self.port, self.metrics_port)
+
+    async def warm_up(self) -> None:
+        """Warm every model, then report SERVING and start watching the repository."""
+        await self.core.warm_up()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.config.poll_interval_s > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self.core.watch(self.config.poll_interval_s))
+        log.info("ready: serving %s", ", ".join(self.core.model_names()))
+
+    async def start(self) -> None:
+        """:meth:`start_listening`, then :meth:`warm_up`."""
+        await self.start_listening()
+        await self.warm_up()
+
+    async def shutdown(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, refuse new requests, answer accepted ones (within the grace period), stop."""
+        grace = self.config.grace_period_s if grace_s is None else grace_s
+        log.info("draining (grace %.1f s)", grace)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        try:
+            await asyncio.wait_for(self.core.drain(), grace)
+        except TimeoutError:
+            log.error("grace period over with requests still queued")
+        await self._server.stop(grace=1.0)
+        if self.metrics is not None:
+            self.metrics.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        """Return once :meth:`shutdown` has finished."""
+        await self._stopped.wait()
+
+
+async def create_server(config: ServerConfig) -> ConvserveServer:
+    """Load and check every model (StartupError if one is bad), build the server and bind its port.
+
+    With ``port=0`` a free port is chosen; read it from ``server.port``.
+    """
+    metrics = ServerMetrics(config.max_batch_size) if config.metrics_port >= 0 else None
+    core = InferenceCore(config, metrics.batch_observer if metrics is not None else lambda name: None)
+    await asyncio.get_running_loop().run_in_executor(None, core.load_all)
+    return ConvserveServer(config, core, metrics)

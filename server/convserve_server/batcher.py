@@ -1,0 +1,213 @@
+"""The dynamic batcher: one asyncio task that groups queued requests into model calls.
+
+When the model is idle, whatever is queued runs at once, so a lone request
+waits for nothing; while a batch computes, new requests queue and the next
+batch takes them all, so batches grow with load up to ``max_batch_size``.
+An optional queue delay lets a batch wait to fill.  The model runs on a
+worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from convserve_server.errors import DeadlineExpired, ModelNotReady, Overloaded
+
+log = logging.getLogger(__name__)
+
+
+class BatchObserver(Protocol):
+    """Receives the batcher's measurements (the server's metrics implement it)."""
+
+    def observe_batch(self, rows: int, queue_seconds: list[float], compute_seconds: float) -> None:
+        """One model call: its size, how long each request queued, how long it ran."""
+
+    def observe_queue_depth(self, requests: int) -> None:
+        """The number of queued requests changed."""
+
+
+@dataclass
+class _Pending:
+    rows: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    deadline: float | None
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class DynamicBatcher:
+    """Batches calls of ``run_batch`` (rows in, rows out) across concurrent callers."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[np.ndarray], np.ndarray],
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float = 0.0,
+        max_queue_size: int = 1024,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be an integer >= 1")
+        if max_queue_size < 1:
+            raise ValueError("max_queue_size must be an integer >= 1")
+        if max_queue_delay_s < 0:
+            raise ValueError("max_queue_delay_s must be >= 0")
+        self._run_batch = run_batch
+        self._executor = executor
+        self._max_batch_size = max_batch_size
+        self._max_queue_delay_s = max_queue_delay_s
+        self._max_queue_size = max_queue_size
+        self._observer = observer
+        self._queue: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._arrived = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the model."""
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the batching task on the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="convserve-batcher")
+            self._task.add_done_callback(self._fail_pending_if_crashed)
+
+    async def close(self) -> None:
+        """Refuse new requests, answer every queued one, then stop."""
+        self._closing = True
+        self._arrived.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def submit(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        """Queue ``rows`` and await their results; larger requests are split and reassembled in order.
+
+        ``deadline`` is a ``time.monotonic()`` instant after which the request
+        is dropped before compute.  Raises Overloaded when the queue is full.
+        """
+        if self._closing or self._task is None:
+            raise ModelNotReady("server is draining; not accepting new requests")
+        chunks = [rows[start : start + self._max_batch_size] for start in range(0, len(rows), self._max_batch_size)]
+        if len(self._queue) + len(chunks) > self._max_queue_size:
+            raise Overloaded(f"queue full ({self._max_queue_size} requests waiting); retry later")
+        loop = asyncio.get_running_loop()
+        pending = [_Pending(chunk, loop.create_future(), deadline) for chunk in chunks]
+        self._queue.extend(pending)
+        self._queued_rows += len(rows)
+        self._arrived.set()
+        self._report_depth()
+        if len(pending) == 1:
+            return await pending[0].future
+        results = await asyncio.gather(*(item.future for item in pending))
+        return np.concatenate(results)
+
+    def _report_depth(self) -> None:
+        if self._observer is not None:
+            self._observer.observe_queue_depth(len(self._queue))
+
+    async def _loop(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                if self._closing and not self._queue:
+                    return
+                continue
+            await self._compute(batch)
+
+    async def _wait_for_arrival(self, timeout: float | None) -> bool:
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _next_batch(self) -> list[_Pending]:
+        while not self._queue:
+            if self._closing:
+                return []
+            await self._wait_for_arrival(None)
+        if self._max_queue_delay_s > 0:
+            fill_by = time.monotonic() + self._max_queue_delay_s
+            while self._queued_rows < self._max_batch_size and not self._closing:
+                remaining = fill_by - time.monotonic()
+                if remaining <= 0 or not await self._wait_for_arrival(remaining):
+                    break
+        return self._take_batch()
+
+    def _take_batch(self) -> list[_Pending]:
+        """Pop queued requests that fit in one batch, dropping cancelled and expired ones."""
+        batch: list[_Pending] = []
+        rows = 0
+        now = time.monotonic()
+        while self._queue and rows + len(self._queue[0].rows) <= self._max_batch_size:
+            item = self._queue.popleft()
+            self._queued_rows -= len(item.rows)
+            if item.future.done():  # the caller cancelled
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                item.future.set_exception(DeadlineExpired("deadline passed while queued"))
+                continue
+            batch.append(item)
+            rows += len(item.rows)
+        self._report_depth()
+        return batch
+
+    async def _compute(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run_rows, [item.rows for item in batch])
+        except Exception as exc:
+            if len(batch) > 1:
+                # Find the culprit: run each request alone so one bad input fails only its caller.
+                for item in batch:
+                    await self._compute([item])
+                return
+            _settle(batch[0].future, exc=exc)
+            return
+        finished = time.monotonic()
+        if self._observer is not None:
+            self._observer.observe_batch(
+                sum(len(item.rows) for item in batch), [started - item.enqueued for item in batch], finished - started
+            )
+        for item, output in zip(batch, outputs):
+            _settle(item.future, result=output)
+
+    def _run_rows(self, parts: list[np.ndarray]) -> list[np.ndarray]:
+        """On the worker thread: one model call for all parts, split back per part."""
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        output = self._run_batch(rows)
+        if len(output) != len(rows):
+            raise RuntimeError(f"model returned {len(output)} rows for {len(rows)} inputs")
+        bounds = np.cumsum([len(part) for part in parts])[:-1]
+        return np.split(output, bounds)
+
+    def _fail_pending_if_crashed(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("batcher stopped unexpectedly", exc_info=task.exception())
+        self._closing = True
+        while self._queue:
+            _settle(self._queue.popleft().future, exc=ModelNotReady("batcher stopped; request not computed"))
+
+
+def _settle(future: asyncio.Future[np.ndarray], *, result: np.ndarray | None = None, exc: BaseException | None = None) -> None:
+    if future.done():  # cancelled by its caller meanwhile
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]

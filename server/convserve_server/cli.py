@@ -1,0 +1,88 @@
+"""``convserve-serve``: run the server until SIGTERM or SIGINT, then drain and exit 0."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+import sys
+from typing import Sequence
+
+from convserve_server.config import ServerConfig, load_config
+from convserve_server.errors import StartupError
+
+log = logging.getLogger("convserve_server")
+_PROG = "convserve-serve"
+
+
+async def serve(config: ServerConfig) -> None:
+    """Start the server, wait for a stop signal, drain, stop."""
+    from convserve_server.app import create_server
+
+    server = await create_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        await stop.wait()
+        log.info("stop signal received")
+    finally:
+        await server.shutdown()
+
+
+def _run_worker(config: ServerConfig) -> int:
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(config))
+    except StartupError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_workers(config: ServerConfig) -> int:
+    """Several server processes on one port (SO_REUSEPORT); the kernel spreads connections."""
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker_entry, args=(config,), name=f"worker-{i}") for i in range(config.workers)]
+    for worker in workers:
+        worker.start()
+
+    def forward(signum: int, frame: object) -> None:
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                worker.terminate()  # SIGTERM: each worker drains on its own
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for worker in workers:
+        worker.join()
+    return max((worker.exitcode or 0) for worker in workers)
+
+
+def _worker_entry(config: ServerConfig) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM instead
+    sys.exit(_run_worker(config))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit status."""
+    try:
+        config = load_config(argv)
+    except ValueError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if config.workers > 1:
+        return _run_workers(config)
+    return _run_worker(config)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

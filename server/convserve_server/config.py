@@ -1,0 +1,95 @@
+"""The server's configuration: one typed object fed by flags and ``CONVSERVE_*`` variables.
+
+A flag wins over its environment variable, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from convserve_server.runtime import DeviceRequest
+
+
+class ServerConfig(BaseSettings):
+    """Settings of ``convserve-serve``; each field is also ``--field-name`` and ``CONVSERVE_FIELD_NAME``."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVSERVE_", frozen=True, protected_namespaces=())
+
+    model_repository: Path = Field(Path("models"), description="model repository: <repo>/<name>/<version>/model.onnx")
+    host: str = Field("0.0.0.0", description="address to listen on")
+    port: int = Field(8500, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N; cuda never falls back to the CPU")
+    max_batch_size: int = Field(64, ge=1, le=4096, description="most images the model runs at once")
+    max_queue_delay_us: int = Field(0, ge=0, le=10_000_000, description="how long a batch may wait to fill (0: run at once)")
+    max_queue_size: int = Field(1024, ge=1, description="queued requests per model before RESOURCE_EXHAUSTED")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
+    inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: its default)")
+    metrics_host: str = Field("0.0.0.0", description="address of the Prometheus metrics endpoint")
+    metrics_port: int = Field(8501, ge=-1, le=65535, description="Prometheus metrics port (0 picks a free one, -1 disables)")
+    versions_per_model: int = Field(1, ge=1, description="newest versions of each model kept loaded")
+    poll_interval_s: float = Field(2.0, ge=0, description="how often to look for new model versions (0: never)")
+    grace_period_s: float = Field(10.0, gt=0, description="on SIGTERM, time allowed to answer accepted requests")
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest gRPC message accepted or sent")
+    workers: int = Field(1, ge=1, le=64, description="server processes sharing the port (SO_REUSEPORT)")
+    tls_cert: Path | None = Field(None, description="server certificate PEM (turns on TLS)")
+    tls_key: Path | None = Field(None, description="server private key PEM")
+    tls_client_ca: Path | None = Field(None, description="CA PEM that client certificates must chain to (mutual TLS)")
+    auth_token: SecretStr | None = Field(None, description="bearer token callers must send (health stays open)")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        DeviceRequest.parse(value)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ValueError("log_level must be DEBUG, INFO, WARNING or ERROR")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        return self
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        """The queue delay in seconds."""
+        return self.max_queue_delay_us / 1e6
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags for every config field; an unset flag leaves the field to its variable or default."""
+    parser = argparse.ArgumentParser(
+        prog="convserve-serve",
+        description="Serve the models of a model repository over gRPC (Open Inference Protocol and "
+        "convserve.v1.Classifier). Every flag can also be set as CONVSERVE_<NAME>.",
+    )
+    for name, field in ServerConfig.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = "CONVSERVE_" + name.upper()
+        default = field.default.get_secret_value() if isinstance(field.default, SecretStr) else field.default
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(),
+                            help=f"{field.description} [{env}; default {default}]")
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, **overrides: Any) -> ServerConfig:
+    """Parse flags over the environment; ``ValueError`` with one line per problem."""
+    values = vars(build_parser().parse_args(argv))
+    try:
+        return ServerConfig(**{**values, **overrides})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise ValueError(problems) from None

@@ -1,0 +1,31 @@
+"""Domain errors of the server core.  They know nothing of gRPC: ``servicers.status`` maps them."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base of the errors a request can end with; the message goes to the caller."""
+
+
+class InvalidInput(ServingError):
+    """The request is malformed: shape, dtype, byte length, values."""
+
+
+class ModelNotFound(ServingError):
+    """No such model, version or output."""
+
+
+class ModelNotReady(ServingError):
+    """The server or model is not ready, or is draining."""
+
+
+class Overloaded(ServingError):
+    """The queue is full; the caller should retry later."""
+
+
+class DeadlineExpired(ServingError):
+    """The caller's deadline passed before the request was computed."""
+
+
+class StartupError(Exception):
+    """The server cannot start: a missing or corrupt model, or an unusable device."""

@@ -1,0 +1,1 @@
+"""Thin gRPC servicers: protobuf in, calls on the core, protobuf out."""

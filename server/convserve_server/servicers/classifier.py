@@ -1,0 +1,50 @@
+"""The typed ``convserve.v1.Classifier`` servicer: preprocessed images in, labels out."""
+
+from __future__ import annotations
+
+import grpc.aio
+
+from convserve_client.protos import classifier_pb2 as pb
+from convserve_client.protos import classifier_pb2_grpc as pb_grpc
+from convserve_server.servicers.status import ServicerBase, deadline_of, rpc
+from convserve_server.servicers.tensors import checked_shape, fp32_from_bytes
+
+
+class ClassifierServicer(ServicerBase, pb_grpc.ClassifierServicer):
+    """Classify and GetModelInfo."""
+
+    @rpc("Classify")
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        shape = checked_shape(request.shape, "images", rank=4)
+        images = fp32_from_bytes(request.images, shape, "images")
+        served, result = await self.core.classify(
+            request.model_name, request.model_version, images, request.top_k or 1, deadline_of(context)
+        )
+        labels = served.model.card.labels
+        response = pb.ClassifyResponse(model_name=served.name, model_version=str(served.version))
+        for row, (indices, scores) in enumerate(zip(result.top_indices.tolist(), result.top_scores.tolist())):
+            image = response.results.add()
+            for index, score in zip(indices, scores):
+                image.top_k.add(label=labels[index], score=score, class_index=index)
+            if request.include_probabilities:
+                image.probabilities.extend(result.probabilities[row].tolist())
+        return response
+
+    @rpc("GetModelInfo")
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        served = self.core.resolve(request.model_name, request.model_version)
+        card = served.model.card
+        height, width, channels = served.model.input_shape
+        return pb.ModelInfo(
+            name=served.name,
+            version=str(served.version),
+            labels=list(card.labels),
+            height=height,
+            width=width,
+            channels=channels,
+            preprocessing_json=card.preprocessing.to_json(),
+            model_card_json=card.to_json(),
+            max_batch_size=self.core.max_batch_size,
+            execution_provider=served.model.provider,
+            versions=[str(v) for v in self.core.versions(served.name)],
+        )

@@ -1,0 +1,92 @@
+"""The one place where domain errors become gRPC status codes, and where requests are counted."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from typing import Any, Awaitable, Callable, TypeVar
+
+import grpc
+import grpc.aio
+
+from convserve_server.core import InferenceCore
+from convserve_server.errors import DeadlineExpired, InvalidInput, ModelNotFound, ModelNotReady, Overloaded, ServingError
+from convserve_server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+STATUS_BY_ERROR: dict[type[ServingError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+Response = TypeVar("Response")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]
+
+
+def status_code_for(error: ServingError) -> grpc.StatusCode:
+    """The gRPC status code of a domain error."""
+    for error_type, code in STATUS_BY_ERROR.items():
+        if isinstance(error, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class ServicerBase:
+    """What every servicer holds: the core, and the metrics to count requests in."""
+
+    def __init__(self, core: InferenceCore, metrics: ServerMetrics | None) -> None:
+        self.core = core
+        self.metrics = metrics
+
+    def model_label(self, request: Any) -> str:
+        """A bounded metrics label for the request's model: a served name, or "unknown"."""
+        name = getattr(request, "model_name", None)
+        if name is None:
+            name = getattr(request, "name", "")
+        names = self.core.model_names()
+        if not name and len(names) == 1:
+            return names[0]
+        return name if name in names else "unknown"
+
+
+def rpc(method: str) -> Callable[[Handler[Response]], Handler[Response]]:
+    """Wrap a servicer method: map domain errors to status codes, hide internal ones, count the request."""
+
+    def decorate(handler: Handler[Response]) -> Handler[Response]:
+        @functools.wraps(handler)
+        async def wrapper(self: ServicerBase, request: Any, context: grpc.aio.ServicerContext) -> Response:
+            started = time.monotonic()
+            code = grpc.StatusCode.OK
+            try:
+                return await handler(self, request, context)
+            except ServingError as exc:
+                code = status_code_for(exc)
+                await context.abort(code, str(exc))
+                raise  # abort raises; this line only satisfies type checkers
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception:
+                log.exception("%s failed", method)
+                code = grpc.StatusCode.INTERNAL
+                await context.abort(code, "internal error; see the server log")
+                raise
+            finally:
+                if self.metrics is not None:
+                    self.metrics.record_request(self.model_label(request), method, code.name, time.monotonic() - started)
+
+        return wrapper
+
+    return decorate
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline as a ``time.monotonic()`` instant, if it set one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
