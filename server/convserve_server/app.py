@@ -126,6 +126,11 @@ class ConvserveServer:
         self._stopped.set()
         log.info("stopped")
 
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`shutdown` has finished."""
+        return self._stopped.is_set()
+
     async def wait_for_termination(self) -> None:
         """Return once :meth:`shutdown` has finished."""
         await self._stopped.wait()

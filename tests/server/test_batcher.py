@@ -1,0 +1,186 @@
+"""The dynamic batcher on its own: pure asyncio, a fake model gated by events, no network."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from convserve_server.batcher import DynamicBatcher
+from convserve_server.errors import DeadlineExpired, ModelNotReady, Overloaded
+
+
+class GatedModel:
+    """Doubles its input; each call records its batch and can be held until released."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.calls: list[np.ndarray] = []
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        if not hold:
+            self.release.set()
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        self.release.wait(timeout=10)
+        self.calls.append(rows.copy())
+        if np.isnan(rows).any():
+            raise ValueError("NaN reached the model")
+        return rows[:, :1] * 2
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool
+
+
+def rows(*values: float) -> np.ndarray:
+    return np.array([[v] for v in values], dtype=np.float32)
+
+
+async def wait_until(predicate, timeout: float = 5.0) -> None:
+    """Poll a condition owned by another thread (the model's worker)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
+async def test_lone_request_runs_at_once_without_waiting(executor):
+    model = GatedModel()
+    batcher = DynamicBatcher(model, executor, max_batch_size=8)
+    batcher.start()
+    result = await batcher.submit(rows(1, 2))
+    np.testing.assert_array_equal(result, rows(2, 4))
+    assert len(model.calls) == 1
+    await batcher.close()
+
+
+async def test_requests_queued_while_model_busy_form_one_batch_in_order(executor):
+    model = GatedModel(hold=True)
+    batcher = DynamicBatcher(model, executor, max_batch_size=64)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(rows(0)))
+    await wait_until(model.entered.is_set)
+    others = [asyncio.ensure_future(batcher.submit(rows(i, i + 0.5))) for i in range(1, 6)]
+    await wait_until(lambda: batcher.queue_depth == 5)
+    model.release.set()
+    results = await asyncio.gather(first, *others)
+    assert len(model.calls) == 2, "the five queued requests must share one model call"
+    assert len(model.calls[1]) == 10
+    for i, result in enumerate(results[1:], start=1):
+        np.testing.assert_array_equal(result, rows(2 * i, 2 * i + 1))
+    await batcher.close()
+
+
+async def test_batches_never_exceed_max_and_large_requests_are_split_and_reassembled(executor):
+    model = GatedModel()
+    batcher = DynamicBatcher(model, executor, max_batch_size=4)
+    batcher.start()
+    values = np.arange(11, dtype=np.float32)
+    result = await batcher.submit(values[:, None])
+    np.testing.assert_array_equal(result[:, 0], values * 2)
+    assert [len(call) for call in model.calls] == [4, 4, 3]
+    await batcher.close()
+
+
+async def test_queue_delay_lets_a_batch_fill(executor):
+    model = GatedModel()
+    batcher = DynamicBatcher(model, executor, max_batch_size=4, max_queue_delay_s=5.0)
+    batcher.start()
+    started = time.monotonic()
+    results = await asyncio.gather(*(batcher.submit(rows(i)) for i in range(4)))
+    assert time.monotonic() - started < 4.0, "a full batch must not wait for the delay"
+    assert [len(call) for call in model.calls] == [4]
+    assert [float(r[0, 0]) for r in results] == [0, 2, 4, 6]
+    await batcher.close()
+
+
+async def test_full_queue_is_refused_at_once(executor):
+    model = GatedModel(hold=True)
+    batcher = DynamicBatcher(model, executor, max_batch_size=1, max_queue_size=2)
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit(rows(0)))
+    await wait_until(model.entered.is_set)
+    queued = [asyncio.ensure_future(batcher.submit(rows(i))) for i in (1, 2)]
+    await wait_until(lambda: batcher.queue_depth == 2)
+    with pytest.raises(Overloaded):
+        await batcher.submit(rows(3))
+    model.release.set()
+    assert [float(r[0, 0]) for r in await asyncio.gather(running, *queued)] == [0, 2, 4]
+    await batcher.close()
+
+
+async def test_expired_and_cancelled_requests_are_dropped_before_compute(executor):
+    model = GatedModel(hold=True)
+    batcher = DynamicBatcher(model, executor, max_batch_size=8)
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit(rows(0)))
+    await wait_until(model.entered.is_set)
+    expired = asyncio.ensure_future(batcher.submit(rows(100), deadline=time.monotonic() - 1))
+    cancelled = asyncio.ensure_future(batcher.submit(rows(200)))
+    kept = asyncio.ensure_future(batcher.submit(rows(300)))
+    await wait_until(lambda: batcher.queue_depth == 3)
+    cancelled.cancel()
+    model.release.set()
+    await running
+    with pytest.raises(DeadlineExpired):
+        await expired
+    assert float((await kept)[0, 0]) == 600
+    computed = np.concatenate(model.calls)[:, 0].tolist()
+    assert 100 not in computed and 200 not in computed
+    await batcher.close()
+
+
+async def test_one_bad_request_does_not_fail_its_batch_mates(executor):
+    model = GatedModel(hold=True)
+    batcher = DynamicBatcher(model, executor, max_batch_size=8)
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit(rows(0)))
+    await wait_until(model.entered.is_set)
+    good = asyncio.ensure_future(batcher.submit(rows(1)))
+    bad = asyncio.ensure_future(batcher.submit(rows(float("nan"))))
+    also_good = asyncio.ensure_future(batcher.submit(rows(3)))
+    await wait_until(lambda: batcher.queue_depth == 3)
+    model.release.set()
+    await running
+    assert float((await good)[0, 0]) == 2
+    assert float((await also_good)[0, 0]) == 6
+    with pytest.raises(ValueError, match="NaN"):
+        await bad
+    await batcher.close()
+
+
+async def test_close_answers_queued_requests_and_refuses_new_ones(executor):
+    model = GatedModel(hold=True)
+    batcher = DynamicBatcher(model, executor, max_batch_size=1)
+    batcher.start()
+    accepted = [asyncio.ensure_future(batcher.submit(rows(i))) for i in range(3)]
+    await wait_until(model.entered.is_set)
+    closing = asyncio.ensure_future(batcher.close())
+    await asyncio.sleep(0)
+    with pytest.raises(ModelNotReady):
+        await batcher.submit(rows(9))
+    model.release.set()
+    await closing
+    assert [float(r[0, 0]) for r in await asyncio.gather(*accepted)] == [0, 2, 4]
+
+
+async def test_model_returning_wrong_row_count_fails_every_caller(executor):
+    batcher = DynamicBatcher(lambda batch: batch[:1], executor, max_batch_size=8)
+    batcher.start()
+    with pytest.raises(RuntimeError, match="returned 1 rows for 3"):
+        await batcher.submit(rows(1, 2, 3))
+    await batcher.close()
+
+
+def test_rejects_bad_settings(executor):
+    with pytest.raises(ValueError, match="max_batch_size must be an integer >= 1"):
+        DynamicBatcher(lambda b: b, executor, max_batch_size=0)
+    with pytest.raises(ValueError, match="max_queue_size"):
+        DynamicBatcher(lambda b: b, executor, max_batch_size=1, max_queue_size=0)
