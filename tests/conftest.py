@@ -57,3 +57,12 @@ async def start_server() -> AsyncIterator[Callable[..., object]]:
 async def tiny_server(tiny_repo: Path, start_server: Callable[..., object]) -> ConvserveServer:
     """A warmed server serving the tiny model."""
     return await start_server(tiny_repo)  # type: ignore[misc, no-any-return]
+
+
+@pytest.fixture(scope="session")
+def default_training(tmp_path_factory: pytest.TempPathFactory):
+    """The default training run (bundled digits, default settings) into a fresh repository, once per session."""
+    from convserve_training.train import TrainingConfig, run_training
+
+    repository = tmp_path_factory.mktemp("default-models")
+    return run_training(TrainingConfig(model_repository=repository, verbose=0), print_fn=lambda line: None)

@@ -1,0 +1,54 @@
+# convserve: the README's commands.  `make serve` and `make test` work on a fresh machine with
+# Python 3.11 and pip: they create .venv and install what they need first.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODELS ?= models
+PORT ?= 8500
+
+.PHONY: install train serve test soak bench proto clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml client/pyproject.toml
+	$(BIN)/pip install --quiet -e ./client -e ".[dev]"
+	touch $(STAMP)
+
+## install: create .venv and install the client, server, training and test dependencies
+install: $(STAMP)
+
+## train: train the default model into $(MODELS)/ if it holds none yet (always: make train FORCE=1)
+train: install
+	@if [ -n "$(FORCE)" ] || ! ls $(MODELS)/*/*/model.onnx >/dev/null 2>&1; then \
+		$(BIN)/convserve-train --model-repository $(MODELS); \
+	else echo "$(MODELS)/ already holds a model; make train FORCE=1 trains a new version"; fi
+
+## serve: train if needed, then serve $(MODELS)/ on port $(PORT)
+serve: train
+	$(BIN)/convserve-serve --model-repository $(MODELS) --port $(PORT)
+
+## test: the whole test suite (the soak test is left to `make soak`)
+test: install
+	$(BIN)/python -m pytest -m "not soak"
+
+## soak: the long soak test
+soak: install
+	$(BIN)/python -m pytest -m soak -v
+
+## bench: benchmark the server against its ceilings; writes bench-results/
+bench: train
+	$(BIN)/convserve-bench --model-repository $(MODELS) --output bench-results
+
+## proto: regenerate the Python code in client/convserve_client/protos from proto/
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -Iproto \
+		--python_out=client/convserve_client/protos --grpc_python_out=client/convserve_client/protos \
+		--pyi_out=client/convserve_client/protos proto/grpc_predict_v2.proto proto/classifier.proto
+	sed -i 's/^import \(\w*_pb2\) as/from . import \1 as/' client/convserve_client/protos/*_pb2_grpc.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis bench-results

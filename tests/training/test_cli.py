@@ -1,0 +1,108 @@
+"""``convserve-train`` on folders the tests build themselves: versions, labels, and every bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convserve_training.cli import main
+
+COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
+
+
+def make_class(folder: Path, colour: tuple[int, int, int], count: int, seed: int) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)), 3)
+        pixels = np.clip(rng.normal(colour, 25, size=size), 0, 255).astype(np.uint8)
+        suffix = ".png" if i % 2 else ".jpg"
+        Image.fromarray(pixels).save(folder / f"img{i}{suffix}")
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "colours"
+    for seed, (name, colour) in enumerate(COLOURS.items()):
+        make_class(root / name, colour, 10, seed)
+    return root
+
+
+def train(args: list[str]) -> int:
+    return main([*args, "--epochs", "2", "--quiet"])
+
+
+def model_files(repository: Path) -> list[Path]:
+    return sorted(repository.glob("**/model.onnx"))
+
+
+def test_tiny_data_dir_trains_and_each_run_writes_the_next_version(data_dir, tmp_path):
+    from convserve_client.model_card import ModelCard
+    import onnx
+
+    repository = tmp_path / "repo"
+    assert train(["--data-dir", str(data_dir), "--model-repository", str(repository), "--height", "16", "--width", "16"]) == 0
+    assert train(["--data-dir", str(data_dir), "--model-repository", str(repository), "--height", "16", "--width", "16"]) == 0
+    assert [p.relative_to(repository).as_posix() for p in model_files(repository)] == [
+        "colours/1/model.onnx", "colours/2/model.onnx",
+    ]
+    model = onnx.load(str(repository / "colours/2/model.onnx"))
+    card = ModelCard.from_metadata({p.key: p.value for p in model.metadata_props})
+    assert card.labels == ("blue", "green", "red")
+    assert card.model_version == "2" and card.dataset == "colours"
+    assert (card.preprocessing.height, card.preprocessing.width) == (16, 16)
+
+
+def test_corrupt_images_are_skipped_with_a_warning(data_dir, tmp_path, caplog):
+    (data_dir / "red" / "broken.png").write_bytes(b"not an image at all")
+    (data_dir / "red" / "truncated.jpg").write_bytes((data_dir / "red" / "img0.jpg").read_bytes()[:40])
+    repository = tmp_path / "repo"
+    assert train(["--data-dir", str(data_dir), "--model-repository", str(repository), "--height", "16", "--width", "16"]) == 0
+    assert "skipped 2 unreadable image(s)" in caplog.text
+    assert len(model_files(repository)) == 1
+
+
+def bad_dirs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    single = tmp_path / "single"
+    make_class(single / "only", (1, 2, 3), 6, 0)
+    no_images = tmp_path / "no_images"
+    make_class(no_images / "good", (1, 2, 3), 6, 0)
+    (no_images / "bare").mkdir()
+    (no_images / "bare" / "notes.txt").write_text("not an image")
+    too_few = tmp_path / "too_few"
+    make_class(too_few / "good", (1, 2, 3), 6, 0)
+    (too_few / "bad").mkdir()
+    for i in range(6):
+        (too_few / "bad" / f"x{i}.png").write_bytes(b"garbage")
+    (too_few / "bad" / "ok.png").write_bytes((too_few / "good" / "img1.png").read_bytes())
+    return {
+        "missing": (tmp_path / "does-not-exist", "no such directory"),
+        "empty": (empty, "no class folders"),
+        "single-class": (single, "only one class"),
+        "class-without-images": (no_images, "has no JPEG or PNG images"),
+        "too-few-readable": (too_few, "has 1 readable images; at least 5"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "single-class", "class-without-images", "too-few-readable"])
+def test_bad_data_dir_is_a_one_line_error_and_leaves_no_model(case, tmp_path, capsys):
+    data, message = bad_dirs(tmp_path)[case]
+    repository = tmp_path / "repo"
+    assert train(["--data-dir", str(data), "--model-repository", str(repository)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("convserve-train: error:") and message in err[-1]
+    assert model_files(repository) == []
+    assert not list(repository.glob("**/.staging-*"))
+
+
+def test_bad_flags_are_refused_before_any_work(tmp_path, capsys):
+    assert main(["--epochs", "0", "--model-repository", str(tmp_path)]) == 2
+    assert "--epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
