@@ -21,11 +21,9 @@ $(STAMP): $(BIN)/python pyproject.toml client/pyproject.toml
 ## install: create .venv and install the client, server, training and test dependencies
 install: $(STAMP)
 
-## train: train the default model into $(MODELS)/ if it holds none yet (always: make train FORCE=1)
+## train: train the default model into $(MODELS)/ unless it is there (a new version: make train FORCE=1)
 train: install
-	@if [ -n "$(FORCE)" ] || ! ls $(MODELS)/*/*/model.onnx >/dev/null 2>&1; then \
-		$(BIN)/convserve-train --model-repository $(MODELS); \
-	else echo "$(MODELS)/ already holds a model; make train FORCE=1 trains a new version"; fi
+	$(BIN)/convserve-train --model-repository $(MODELS) $(if $(FORCE),,--skip-if-present)
 
 ## serve: train if needed, then serve $(MODELS)/ on port $(PORT)
 serve: train

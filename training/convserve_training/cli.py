@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-images-per-class", type=int, default=defaults.min_images_per_class,
                         help="default %(default)s")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+    parser.add_argument("--skip-if-present", action="store_true",
+                        help="do nothing if the repository already holds a version of this model")
     return parser
 
 
@@ -73,6 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         test_fraction=args.test_fraction, seed=args.seed, opset=args.opset,
         min_images_per_class=args.min_images_per_class, verbose=0 if args.quiet else 2,
     )
+    if args.skip_if_present:
+        from convserve_training.repository import MODEL_FILENAME
+
+        existing = sorted((args.model_repository / config.resolved_model_name()).glob(f"*/{MODEL_FILENAME}"))
+        if existing:
+            print(f"{existing[-1]} exists; not training (--skip-if-present)")
+            return 0
     try:
         run_training(config)
     except TrainingError as exc:
