@@ -1,0 +1,133 @@
+"""``convserve-serve`` as a process: startup errors, SIGTERM with requests in flight, and the GPU check."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from convserve_client.protos import grpc_predict_v2_pb2 as pb
+from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_server.runtime import CUDA, DeviceRequest, OnnxModel
+from convserve_server.errors import StartupError
+from tests.models import write_version
+
+
+def serve(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "convserve_server", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "CONVSERVE_METRICS_PORT": "-1"},
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def one_line_error(process: subprocess.Popen[str]) -> str:
+    _, err = process.communicate(timeout=60)
+    assert process.returncode != 0
+    lines = [line for line in err.strip().splitlines() if line.startswith("convserve-serve: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_missing_repository_is_a_one_line_error(tmp_path):
+    assert "no <name>/<version>/model.onnx" in one_line_error(serve("--model-repository", str(tmp_path / "none")))
+
+
+def test_corrupt_model_is_a_one_line_error(tmp_path):
+    path = tmp_path / "m" / "1" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x08\x07garbage that is not a protobuf")
+    assert "not a loadable ONNX model" in one_line_error(serve("--model-repository", str(tmp_path)))
+
+
+def test_model_without_card_is_refused(tmp_path):
+    from tests.models import tiny_model
+
+    model = tiny_model()
+    del model.metadata_props[:]
+    write_version(tmp_path, "bare", 1, model)
+    assert "model metadata lacks" in one_line_error(serve("--model-repository", str(tmp_path)))
+
+
+def test_bad_flag_values_are_one_line_errors(tmp_path):
+    assert "device" in one_line_error(serve("--device", "tpu"))
+    assert "max_batch_size" in one_line_error(serve("--max-batch-size", "0"))
+
+
+def cuda_works() -> bool:
+    if CUDA not in ort.get_available_providers():
+        return False
+    try:
+        import onnx  # noqa: F401
+        from tests.models import tiny_model
+        import tempfile, pathlib
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = pathlib.Path(folder) / "m.onnx"
+            path.write_bytes(tiny_model().SerializeToString())
+            OnnxModel.load(path, DeviceRequest("cuda"))
+        return True
+    except StartupError:
+        return False
+
+
+HAS_CUDA = cuda_works()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has a working CUDA provider; the no-fallback error cannot happen")
+def test_device_cuda_without_cuda_is_a_startup_error_not_a_cpu_fallback(tiny_repo):
+    assert "--device cuda" in one_line_error(serve("--model-repository", str(tiny_repo), "--device", "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU with CUDA 13 and cuDNN 9 for onnxruntime-gpu")
+def test_cuda_provider_really_runs(tiny_repo):
+    model = OnnxModel.load(tiny_repo / "tiny/1/model.onnx", DeviceRequest("cuda"))
+    assert model.provider == CUDA
+    batch = np.random.default_rng(0).random((64, 8, 8, 3), dtype=np.float32)
+    cpu = OnnxModel.load(tiny_repo / "tiny/1/model.onnx", DeviceRequest("cpu"))
+    np.testing.assert_allclose(model.run(batch), cpu.run(batch), atol=1e-5)
+
+
+def test_sigterm_with_requests_in_flight_answers_them_and_exits_zero(tiny_repo):
+    port = free_port()
+    process = serve("--model-repository", str(tiny_repo), "--host", "127.0.0.1", "--port", str(port),
+                    "--device", "cpu", "--max-queue-delay-us", "500000", "--grace-period-s", "10")
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                    break
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.1)
+        request = pb.ModelInferRequest(model_name="tiny")
+        request.inputs.add(name="image", datatype="FP32", shape=[1, 8, 8, 3])
+        request.raw_input_contents.append(np.zeros((1, 8, 8, 3), "<f4").tobytes())
+        in_flight = [stub.ModelInfer.future(request, timeout=20) for _ in range(6)]
+        time.sleep(0.2)  # all six are queued behind the 0.5 s queue delay
+        process.send_signal(signal.SIGTERM)
+        assert all(len(call.result().outputs) == 1 for call in in_flight)
+        assert process.wait(timeout=20) == 0
+        channel.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
