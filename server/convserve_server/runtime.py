@@ -62,6 +62,8 @@ def _session_options(intra_op_threads: int, inter_op_threads: int) -> ort.Sessio
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
     options.log_severity_level = 3  # ORT's own fallback warnings; we log our own line instead
+    # Spinning worker threads would steal the cores gRPC and the event loop need between batches.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

@@ -1,0 +1,259 @@
+"""``convserve-bench``: load a server step by step and compare it with its two ceilings, in one run.
+
+Ceilings, measured by this same tool in the same run:
+  * a do-nothing Open Inference Protocol server (same gRPC stack, no model), for requests/s and latency;
+  * ONNX Runtime in this process at the same batch sizes, for images/s.
+With ``--model-repository`` the tool starts ``convserve-serve`` itself and also reports its memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Sequence
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from convserve_client.protos import grpc_predict_v2_pb2 as pb
+from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_server.bench.loadgen import Step, run_step, summarize
+from convserve_server.repository import scan_repository
+
+_PROG = "convserve-bench"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(address: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"server at {address} not ready after {timeout_s:.0f} s")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _batch_totals(metrics_port: int | None) -> tuple[float, float]:
+    """(images, model calls) so far, from the server's batch-size histogram."""
+    if metrics_port is None:
+        return (0.0, 0.0)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    total = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for key in total:
+            if line.startswith(f"convserve_batch_size_{key}{{"):
+                total[key] += float(line.rsplit(" ", 1)[1])
+    return total["sum"], total["count"]
+
+
+def _model_shape(address: str, model: str) -> tuple[tuple[int, int, int], str]:
+    with grpc.insecure_channel(address) as channel:
+        metadata = pb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(pb.ModelMetadataRequest(name=model), timeout=10)
+    height, width, channels = metadata.inputs[0].shape[1:]
+    return (int(height), int(width), int(channels)), metadata.name
+
+
+def onnxruntime_ceiling(model_path: Path, shape: tuple[int, int, int], batch: int, seconds: float, threads: int) -> float:
+    """Images/s of ONNX Runtime in this process, at one batch size."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).random((batch, *shape), dtype=np.float32)
+    name = session.get_inputs()[0].name
+    for _ in range(5):
+        session.run(None, {name: images})
+    runs, started = 0, time.monotonic()
+    while time.monotonic() - started < seconds:
+        session.run(None, {name: images})
+        runs += 1
+    return runs * batch / (time.monotonic() - started)
+
+
+def parse_steps(text: str) -> list[tuple[int, int]]:
+    """``"1x1,32x1,8x64"`` → [(concurrency, images per request), ...]."""
+    steps = []
+    for part in text.split(","):
+        concurrency, _, images = part.strip().partition("x")
+        if not (concurrency.isdigit() and images.isdigit() and int(concurrency) > 0 and int(images) > 0):
+            raise ValueError(f"step {part!r} must be CONCURRENCYxIMAGES, e.g. 32x1")
+        steps.append((int(concurrency), int(images)))
+    return steps
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's arguments."""
+    parser = argparse.ArgumentParser(prog=_PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--model-repository", type=Path, help="start convserve-serve on this repository and load it")
+    target.add_argument("--target", help="load an already running server at HOST:PORT instead")
+    parser.add_argument("--model", default="", help="model name (default: the only one)")
+    parser.add_argument("--protocol", choices=["oip", "classifier"], default="oip", help="API to load (default %(default)s)")
+    parser.add_argument("--steps", default="1x1,8x1,32x1,8x64", help="CONCURRENCYxIMAGES list (default %(default)s)")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per step (default %(default)s)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per step (default %(default)s)")
+    parser.add_argument("--processes", type=int, default=1, help="load-generator processes (default %(default)s)")
+    parser.add_argument("--server-args", default="", help="extra flags for the convserve-serve it starts")
+    parser.add_argument("--no-ceilings", action="store_true", help="skip the do-nothing server and ONNX Runtime runs")
+    parser.add_argument("--output", type=Path, default=Path("bench-results"), help="folder for JSON and PNG")
+    return parser
+
+
+def _start(args: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (throughput, tail) = plt.subplots(1, 2, figsize=(11, 4))
+    for target in sorted({row["target"] for row in rows}):
+        for images in sorted({row["images_per_request"] for row in rows}):
+            points = sorted((r["concurrency"], r["images_per_s"], r["p99_ms"]) for r in rows
+                            if r["target"] == target and r["images_per_request"] == images)
+            if points:
+                label = f"{target}, {images} img/req"
+                throughput.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+                tail.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=label)
+    for axis, ylabel in ((throughput, "images/s"), (tail, "p99 latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrency")
+        axis.set_ylabel(ylabel)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; prints a table and writes JSON and PNG."""
+    args = build_parser().parse_args(argv)
+    try:
+        steps = parse_steps(args.steps)
+    except ValueError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    children: list[subprocess.Popen[bytes]] = []
+    server_pid: int | None = None
+    metrics_port: int | None = None
+    model_path: Path | None = None
+    try:
+        if args.model_repository is not None:
+            found = scan_repository(args.model_repository)
+            if not found:
+                print(f"{_PROG}: error: no model in {args.model_repository} (run make train)", file=sys.stderr)
+                return 1
+            model_path = found[args.model or next(iter(found))][-1].path
+            port, metrics_port = _free_port(), _free_port()
+            server = _start(["convserve_server", "--model-repository", str(args.model_repository), "--host", "127.0.0.1",
+                             "--port", str(port), "--metrics-port", str(metrics_port), "--poll-interval-s", "0",
+                             *args.server_args.split()])
+            children.append(server)
+            server_pid = server.pid
+            address = f"127.0.0.1:{port}"
+        else:
+            address = args.target
+        _wait_ready(address)
+        shape, model = _model_shape(address, args.model)
+        targets = {"convserve": address}
+        if not args.no_ceilings:
+            noop_port = _free_port()
+            children.append(_start(["convserve_server.bench.noop_server", "--port", str(noop_port)]))
+            targets["do-nothing gRPC"] = f"127.0.0.1:{noop_port}"
+            _wait_ready(targets["do-nothing gRPC"])
+
+        rows: list[dict[str, Any]] = []
+        memory: dict[str, float] = {}
+        bench_started = time.monotonic()
+        for concurrency, images in steps:
+            step = Step(concurrency, images, args.duration, args.warmup)
+            for name, target_address in targets.items():
+                protocol = args.protocol if name == "convserve" else "oip"
+                before = _batch_totals(metrics_port) if name == "convserve" else (0.0, 0.0)
+                row = summarize(step, run_step(target_address, protocol, model, shape, step, args.processes))
+                row["target"] = name
+                if name == "convserve" and metrics_port is not None:
+                    after = _batch_totals(metrics_port)
+                    calls = after[1] - before[1]
+                    row["mean_batch_size"] = (after[0] - before[0]) / calls if calls else float("nan")
+                    if server_pid is not None:
+                        rss = _rss_mb(server_pid)
+                        memory.setdefault("rss_first_step_mb", rss)
+                        memory["rss_last_step_mb"] = rss
+                        memory["rss_peak_mb"] = max(memory.get("rss_peak_mb", 0.0), rss)
+                rows.append(row)
+                print(f"{name:>16} c={concurrency:<3} b={images:<3} {row['requests_per_s']:9.0f} req/s "
+                      f"{row['images_per_s']:9.0f} img/s  p50 {row['p50_ms']:6.2f}  p99 {row['p99_ms']:6.2f} ms  "
+                      f"errors {row['errors'] or 0}", flush=True)
+        memory["load_seconds"] = time.monotonic() - bench_started
+        ceilings = {}
+        if model_path is not None and not args.no_ceilings:
+            for images in sorted({images for _, images in steps}):
+                ceilings[str(images)] = onnxruntime_ceiling(model_path, shape, images, args.duration / 2, 0)
+                print(f"{'onnxruntime':>16} batch {images:<3} {ceilings[str(images)]:9.0f} img/s (in process)")
+        report = {"machine": {"cpus": os.cpu_count(), "platform": sys.platform}, "steps": rows,
+                  "onnxruntime_images_per_s": ceilings, "server_memory": memory, "ratios": _ratios(rows, ceilings)}
+        args.output.mkdir(parents=True, exist_ok=True)
+        (args.output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+        _plot(rows, args.output / "bench.png")
+        print(json.dumps(report["ratios"], indent=2))
+        print(json.dumps(memory, indent=2))
+        print(f"wrote {args.output / 'bench.json'} and {args.output / 'bench.png'}")
+        return 0
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait(timeout=30)
+
+
+def _ratios(rows: list[dict[str, Any]], ceilings: dict[str, float]) -> list[dict[str, Any]]:
+    """convserve against the do-nothing server and ONNX Runtime, step by step."""
+    by_step = {(r["target"], r["concurrency"], r["images_per_request"]): r for r in rows}
+    ratios = []
+    for (target, concurrency, images), row in by_step.items():
+        if target != "convserve":
+            continue
+        entry: dict[str, Any] = {"concurrency": concurrency, "images_per_request": images}
+        noop = by_step.get(("do-nothing gRPC", concurrency, images))
+        if noop and noop["requests_per_s"]:
+            entry["requests_per_s_vs_noop"] = row["requests_per_s"] / noop["requests_per_s"]
+            entry["p50_vs_noop"] = row["p50_ms"] / noop["p50_ms"]
+            entry["p99_vs_noop"] = row["p99_ms"] / noop["p99_ms"]
+        if str(images) in ceilings:
+            entry["images_per_s_vs_onnxruntime"] = row["images_per_s"] / ceilings[str(images)]
+        ratios.append(entry)
+    return ratios
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
