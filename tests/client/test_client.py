@@ -12,10 +12,12 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from convserve_client import (
     AsyncClient,
+    AuthenticationError,
     Client,
     DeadlineExceededError,
     ImageError,
@@ -226,3 +228,20 @@ def test_cli_without_a_server_is_a_one_line_error(tmp_path, capsys):
     code = classify_main([str(path), "--server", f"127.0.0.1:{free_port()}", "--timeout", "0.5"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("convserve-classify: error:")
+
+
+async def test_bearer_token_is_required_except_for_health(tiny_repo, start_server):
+    server = await start_server(tiny_repo, auth_token="s3cret")
+    address = f"127.0.0.1:{server.port}"
+    async with AsyncClient(address) as anonymous:
+        with pytest.raises(AuthenticationError) as caught:
+            await anonymous.classify([photo(0)])
+    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+    async with AsyncClient(address, token="wrong") as wrong:
+        with pytest.raises(AuthenticationError):
+            await wrong.model_info()
+    async with AsyncClient(address, token="s3cret") as client:
+        assert len(await client.classify([photo(0), photo(1)])) == 2
+    async with grpc.aio.insecure_channel(address) as channel:
+        response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
