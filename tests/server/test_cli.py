@@ -7,18 +7,20 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from convserve_client.protos import grpc_predict_v2_pb2 as pb
 from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
-from convserve_server.runtime import CUDA, DeviceRequest, OnnxModel
 from convserve_server.errors import StartupError
-from tests.models import write_version
+from convserve_server.runtime import CUDA, DeviceRequest, OnnxModel
+
+from tests.models import tiny_model, write_version
 
 
 def serve(*args: str) -> subprocess.Popen[str]:
@@ -54,8 +56,6 @@ def test_corrupt_model_is_a_one_line_error(tmp_path):
 
 
 def test_model_without_card_is_refused(tmp_path):
-    from tests.models import tiny_model
-
     model = tiny_model()
     del model.metadata_props[:]
     write_version(tmp_path, "bare", 1, model)
@@ -68,20 +68,17 @@ def test_bad_flag_values_are_one_line_errors(tmp_path):
 
 
 def cuda_works() -> bool:
+    """Whether ONNX Runtime really runs on CUDA here (listing the provider is not enough)."""
     if CUDA not in ort.get_available_providers():
         return False
-    try:
-        import onnx  # noqa: F401
-        from tests.models import tiny_model
-        import tempfile, pathlib
-
-        with tempfile.TemporaryDirectory() as folder:
-            path = pathlib.Path(folder) / "m.onnx"
-            path.write_bytes(tiny_model().SerializeToString())
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(tiny_model().SerializeToString())
+        try:
             OnnxModel.load(path, DeviceRequest("cuda"))
-        return True
-    except StartupError:
-        return False
+        except StartupError:
+            return False
+    return True
 
 
 HAS_CUDA = cuda_works()
