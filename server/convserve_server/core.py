@@ -204,7 +204,8 @@ class InferenceCore:
         served = self.resolve(name, version)
         if not 1 <= top_k <= served.model.num_classes:
             raise InvalidInput(f"top_k must be between 1 and {served.model.num_classes}, got {top_k}")
-        served, probabilities = await self.infer(name, version, images, deadline)
+        # Pin the version just resolved, so a hot swap cannot run a model with another class count.
+        served, probabilities = await self.infer(served.name, str(served.version), images, deadline)
         top = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
         return served, Classification(top, np.take_along_axis(probabilities, top, axis=1), probabilities)
 
