@@ -3,8 +3,10 @@
 When the model is idle, whatever is queued runs at once, so a lone request
 waits for nothing; while a batch computes, new requests queue and the next
 batch takes them all, so batches grow with load up to ``max_batch_size``.
-An optional queue delay lets a batch wait to fill.  The model runs on a
-worker thread, never on the event loop.
+An optional queue delay lets a batch wait to fill.  Batches of up to
+``inline_max_rows`` rows run on the event-loop thread itself: for a few images
+on the CPU, handing the call to the worker thread and waking the loop again
+costs more than the model call.  Larger batches run on the worker thread.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_s: float = 0.0,
         max_queue_size: int = 1024,
+        inline_max_rows: int = 0,
         observer: BatchObserver | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -61,11 +64,14 @@ class DynamicBatcher:
             raise ValueError("max_queue_size must be an integer >= 1")
         if max_queue_delay_s < 0:
             raise ValueError("max_queue_delay_s must be >= 0")
+        if inline_max_rows < 0:
+            raise ValueError("inline_max_rows must be >= 0")
         self._run_batch = run_batch
         self._executor = executor
         self._max_batch_size = max_batch_size
         self._max_queue_delay_s = max_queue_delay_s
         self._max_queue_size = max_queue_size
+        self._inline_max_rows = inline_max_rows
         self._observer = observer
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
@@ -166,10 +172,13 @@ class DynamicBatcher:
         return batch
 
     async def _compute(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
+        parts = [item.rows for item in batch]
         started = time.monotonic()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run_rows, [item.rows for item in batch])
+            if sum(len(part) for part in parts) <= self._inline_max_rows:
+                outputs = self._run_rows(parts)
+            else:
+                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_rows, parts)
         except Exception as exc:
             if len(batch) > 1:
                 # Find the culprit: run each request alone so one bad input fails only its caller.
@@ -187,11 +196,13 @@ class DynamicBatcher:
             _settle(item.future, result=output)
 
     def _run_rows(self, parts: list[np.ndarray]) -> list[np.ndarray]:
-        """On the worker thread: one model call for all parts, split back per part."""
+        """One model call for all parts, split back per part."""
         rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
         output = self._run_batch(rows)
         if len(output) != len(rows):
             raise RuntimeError(f"model returned {len(output)} rows for {len(rows)} inputs")
+        if len(parts) == 1:
+            return [output]
         bounds = np.cumsum([len(part) for part in parts])[:-1]
         return np.split(output, bounds)
 

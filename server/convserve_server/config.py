@@ -27,6 +27,10 @@ class ServerConfig(BaseSettings):
     max_batch_size: int = Field(64, ge=1, le=4096, description="most images the model runs at once")
     max_queue_delay_us: int = Field(0, ge=0, le=10_000_000, description="how long a batch may wait to fill (0: run at once)")
     max_queue_size: int = Field(1024, ge=1, description="queued requests per model before RESOURCE_EXHAUSTED")
+    small_batch_rows: int = Field(8, ge=0, le=4096, description="CPU only: batches of at most this many images "
+                                  "run single-threaded on the event-loop thread (0: never)")
+    inline_batch_rows: int = Field(64, ge=0, le=4096, description="CPU only: batches of at most this many images "
+                                   "run on the event-loop thread rather than the model's worker thread")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: its default)")
     metrics_host: str = Field("0.0.0.0", description="address of the Prometheus metrics endpoint")

@@ -19,7 +19,7 @@ from convserve_server.batcher import BatchObserver, DynamicBatcher
 from convserve_server.config import ServerConfig
 from convserve_server.errors import InvalidInput, ModelNotFound, ModelNotReady, StartupError
 from convserve_server.repository import VersionPath, scan_repository
-from convserve_server.runtime import DeviceRequest, OnnxModel
+from convserve_server.runtime import CPU, DeviceRequest, OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class ServedVersion:
             max_batch_size=config.max_batch_size,
             max_queue_delay_s=config.max_queue_delay_s,
             max_queue_size=config.max_queue_size,
+            inline_max_rows=config.inline_batch_rows if model.provider == CPU else 0,
             observer=observer,
         )
         self._max_batch_size = config.max_batch_size
@@ -82,7 +83,9 @@ class InferenceCore:
     # --- loading -----------------------------------------------------------------------------
 
     def _load(self, source: VersionPath) -> ServedVersion:
-        model = OnnxModel.load(source.path, self._device, self._config.intra_op_threads, self._config.inter_op_threads)
+        config = self._config
+        model = OnnxModel.load(source.path, self._device, config.intra_op_threads, config.inter_op_threads,
+                               config.small_batch_rows)
         if model.card.model_name != source.name:
             log.warning("%s: card names model %r; serving it as %r", source.path, model.card.model_name, source.name)
         return ServedVersion(source, model, self._config, self._observer_factory(source.name))
@@ -161,6 +164,15 @@ class InferenceCore:
         """Names of the served models."""
         return sorted(self._models)
 
+    def serves(self, name: str) -> bool:
+        """Whether ``name`` is a served model."""
+        return name in self._models
+
+    @property
+    def only_model(self) -> str | None:
+        """The model's name when exactly one is served."""
+        return next(iter(self._models)) if len(self._models) == 1 else None
+
     def versions(self, name: str) -> list[int]:
         """Loaded versions of one model, ascending."""
         return sorted(self._versions_of(name))
@@ -187,27 +199,24 @@ class InferenceCore:
 
     # --- inference ---------------------------------------------------------------------------
 
-    async def infer(self, name: str, version: str, images: np.ndarray, deadline: float | None) -> tuple[ServedVersion, np.ndarray]:
-        """Probabilities for a batch of preprocessed images, through the model's batcher."""
+    async def infer(self, served: ServedVersion, images: np.ndarray, deadline: float | None) -> np.ndarray:
+        """Probabilities of a resolved version for a batch of preprocessed images, through its batcher."""
         if self.draining:
             raise ModelNotReady("server is draining; not accepting new requests")
-        served = self.resolve(name, version)
         if not served.ready:
             raise ModelNotReady(f"model {served.name} v{served.version} is not ready")
         check_images(images, served.model.input_shape)
-        return served, await served.batcher.submit(images, deadline)
+        return await served.batcher.submit(images, deadline)
 
     async def classify(
-        self, name: str, version: str, images: np.ndarray, top_k: int, deadline: float | None
-    ) -> tuple[ServedVersion, Classification]:
-        """Top-k labels per image."""
-        served = self.resolve(name, version)
+        self, served: ServedVersion, images: np.ndarray, top_k: int, deadline: float | None
+    ) -> Classification:
+        """Top-k labels per image from a resolved version (pinned, so a hot swap cannot change the class count)."""
         if not 1 <= top_k <= served.model.num_classes:
             raise InvalidInput(f"top_k must be between 1 and {served.model.num_classes}, got {top_k}")
-        # Pin the version just resolved, so a hot swap cannot run a model with another class count.
-        served, probabilities = await self.infer(served.name, str(served.version), images, deadline)
+        probabilities = await self.infer(served, images, deadline)
         top = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
-        return served, Classification(top, np.take_along_axis(probabilities, top, axis=1), probabilities)
+        return Classification(top, np.take_along_axis(probabilities, top, axis=1), probabilities)
 
 
 def check_images(images: np.ndarray, input_shape: tuple[int, int, int]) -> None:

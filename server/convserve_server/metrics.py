@@ -40,11 +40,18 @@ class ServerMetrics:
             "convserve_queue_depth", "Requests waiting in the batcher's queue.", ["model"], registry=self.registry,
         )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
+        # Looking up labelled children takes a lock and builds a key; the label sets are few, so keep them.
+        self._request_children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 
     def record_request(self, model: str, method: str, code: str, seconds: float) -> None:
         """Count one answered request and its latency."""
-        self.requests.labels(model, method, code).inc()
-        self.request_latency.labels(model, method).observe(seconds)
+        key = (model, method, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(model, method, code), self.request_latency.labels(model, method))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def batch_observer(self, model: str) -> _ModelObserver:
         """A :class:`~convserve_server.batcher.BatchObserver` for one model's batcher."""

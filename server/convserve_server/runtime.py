@@ -94,19 +94,32 @@ def _create_session(path: Path, device: DeviceRequest, options: ort.SessionOptio
 
 
 class OnnxModel:
-    """A loaded, checked model version; ``run`` is safe to call from one worker thread."""
+    """A loaded, checked model version; ``run`` is safe to call from one thread at a time."""
 
-    def __init__(self, path: Path, session: ort.InferenceSession, card: ModelCard) -> None:
+    def __init__(
+        self, path: Path, session: ort.InferenceSession, card: ModelCard,
+        small_batch_session: ort.InferenceSession | None = None, small_batch_rows: int = 0,
+    ) -> None:
         self.path = path
         self.card = card
         self._session = session
+        self._small_batch_session = small_batch_session or session
+        self._small_batch_rows = small_batch_rows
         self.provider: str = session.get_providers()[0]
         self._input_name = card.input_name
         self._output_names = [card.output_name]
 
     @classmethod
-    def load(cls, path: Path, device: DeviceRequest, intra_op_threads: int = 0, inter_op_threads: int = 0) -> OnnxModel:
-        """Load and check a model file; :class:`StartupError` says in one line what is wrong."""
+    def load(
+        cls, path: Path, device: DeviceRequest, intra_op_threads: int = 0, inter_op_threads: int = 0,
+        small_batch_rows: int = 0,
+    ) -> OnnxModel:
+        """Load and check a model file; :class:`StartupError` says in one line what is wrong.
+
+        On the CPU, batches of at most ``small_batch_rows`` images run in a second,
+        single-threaded session: for a handful of images, handing work to the
+        intra-op thread pool and waking its sleeping threads costs more than it saves.
+        """
         if not path.is_file():
             raise StartupError(f"{path}: no such model file")
         options = _session_options(intra_op_threads, inter_op_threads)
@@ -121,7 +134,10 @@ class OnnxModel:
         except ValueError as exc:
             raise StartupError(f"{path}: {exc}") from exc
         _check_signature(path, session, card)
-        model = cls(path, session, card)
+        small_batch_session = None
+        if small_batch_rows > 0 and intra_op_threads != 1 and session.get_providers()[0] == CPU:
+            small_batch_session = ort.InferenceSession(str(path), _session_options(1, 1), providers=[CPU])
+        model = cls(path, session, card, small_batch_session, small_batch_rows)
         log.info("loaded %s (%s v%s, %d labels) on %s", path, card.model_name, card.model_version,
                  len(card.labels), model.provider)
         return model
@@ -139,7 +155,8 @@ class OnnxModel:
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Probabilities (N, num_classes) for a float32 (N, H, W, C) batch."""
-        return self._session.run(self._output_names, {self._input_name: images})[0]
+        session = self._small_batch_session if len(images) <= self._small_batch_rows else self._session
+        return session.run(self._output_names, {self._input_name: images})[0]
 
     def warm_up(self, max_batch_size: int) -> None:
         """Run batches of growing size so first requests pay no allocation or kernel-selection cost."""

@@ -184,3 +184,21 @@ def test_rejects_bad_settings(executor):
         DynamicBatcher(lambda b: b, executor, max_batch_size=0)
     with pytest.raises(ValueError, match="max_queue_size"):
         DynamicBatcher(lambda b: b, executor, max_batch_size=1, max_queue_size=0)
+    with pytest.raises(ValueError, match="inline_max_rows"):
+        DynamicBatcher(lambda b: b, executor, max_batch_size=1, inline_max_rows=-1)
+
+
+async def test_small_batches_run_on_the_loop_thread_and_larger_ones_on_the_worker(executor):
+    threads: list[str] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread().name)
+        return batch * 2
+
+    batcher = DynamicBatcher(model, executor, max_batch_size=8, inline_max_rows=2)
+    batcher.start()
+    np.testing.assert_array_equal(await batcher.submit(rows(1, 2)), rows(2, 4))
+    np.testing.assert_array_equal(await batcher.submit(rows(1, 2, 3)), rows(2, 4, 6))
+    assert threads[0] == threading.current_thread().name
+    assert threads[1] != threading.current_thread().name
+    await batcher.close()

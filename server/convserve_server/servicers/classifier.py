@@ -17,9 +17,8 @@ class ClassifierServicer(ServicerBase, pb_grpc.ClassifierServicer):
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         shape = checked_shape(request.shape, "images", rank=4)
         images = fp32_from_bytes(request.images, shape, "images")
-        served, result = await self.core.classify(
-            request.model_name, request.model_version, images, request.top_k or 1, deadline_of(context)
-        )
+        served = self.core.resolve(request.model_name, request.model_version)
+        result = await self.core.classify(served, images, request.top_k or 1, deadline_of(context))
         labels = served.model.card.labels
         response = pb.ClassifyResponse(model_name=served.name, model_version=str(served.version))
         for row, (indices, scores) in enumerate(zip(result.top_indices.tolist(), result.top_scores.tolist())):

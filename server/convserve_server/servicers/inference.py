@@ -109,9 +109,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         served = self.core.resolve(request.model_name, request.model_version)
         images = _decode_input(request, served)
         _check_requested_outputs(request, served)
-        served, probabilities = await self.core.infer(
-            request.model_name, str(served.version), images, deadline_of(context)
-        )
+        probabilities = await self.core.infer(served, images, deadline_of(context))
         response = pb.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
         tensor = response.outputs.add(
             name=served.model.card.output_name, datatype=FP32, shape=list(probabilities.shape)

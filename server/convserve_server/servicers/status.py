@@ -49,10 +49,9 @@ class ServicerBase:
         name = getattr(request, "model_name", None)
         if name is None:
             name = getattr(request, "name", "")
-        names = self.core.model_names()
-        if not name and len(names) == 1:
-            return names[0]
-        return name if name in names else "unknown"
+        if not name:
+            return self.core.only_model or "unknown"
+        return name if self.core.serves(name) else "unknown"
 
 
 def rpc(method: str) -> Callable[[Handler[Response]], Handler[Response]]:

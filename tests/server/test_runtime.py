@@ -1,0 +1,23 @@
+"""The ONNX Runtime wrapper on its own: a real model file, no server."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from convserve_server.runtime import DeviceRequest, OnnxModel
+
+
+def test_small_batches_use_a_single_threaded_session_with_the_same_results(tiny_repo):
+    path = tiny_repo / "tiny/1/model.onnx"
+    model = OnnxModel.load(path, DeviceRequest("cpu"), intra_op_threads=2, small_batch_rows=4)
+    assert model._small_batch_session is not model._session
+    assert model._small_batch_session.get_session_options().intra_op_num_threads == 1
+    batch = np.random.default_rng(1).random((8, *model.input_shape), dtype=np.float32)
+    together = model.run(batch)  # 8 rows: the multi-threaded session
+    apart = np.concatenate([model.run(batch[i : i + 2]) for i in range(0, 8, 2)])  # 2 rows: the small one
+    np.testing.assert_allclose(apart, together, atol=1e-6)
+
+
+def test_no_second_session_when_one_thread_is_asked_for_anyway(tiny_repo):
+    model = OnnxModel.load(tiny_repo / "tiny/1/model.onnx", DeviceRequest("cpu"), intra_op_threads=1, small_batch_rows=4)
+    assert model._small_batch_session is model._session
