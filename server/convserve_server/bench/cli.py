@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -94,6 +95,31 @@ def onnxruntime_ceiling(model_path: Path, shape: tuple[int, int, int], batch: in
     return runs * batch / (time.monotonic() - started)
 
 
+def memory_growth(address: str, protocol: str, model: str, shape: tuple[int, int, int], pid: int,
+                  concurrency: int, seconds: float, processes: int) -> dict[str, float]:
+    """Resident memory of the server before and after ``seconds`` of single-image load, sampled each second."""
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(1.0):
+            samples.append(_rss_mb(pid))
+
+    run_step(address, protocol, model, shape, Step(concurrency, 1, 2.0, 0.0), processes)  # settle first
+    before = _rss_mb(pid)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    result = run_step(address, protocol, model, shape, Step(concurrency, 1, seconds, 0.0), processes)
+    stop.set()
+    sampler.join()
+    after = _rss_mb(pid)
+    print(f"{'memory':>16} c={concurrency:<3} {seconds:.0f} s: RSS {before:.1f} -> {after:.1f} MB "
+          f"(peak {max(samples, default=after):.1f}), {len(result.latencies_s)} requests, errors {dict(result.errors)}")
+    return {"memory_run_seconds": seconds, "memory_run_requests": len(result.latencies_s),
+            "memory_run_errors": sum(result.errors.values()), "rss_before_mb": before, "rss_after_mb": after,
+            "rss_run_peak_mb": max(samples, default=after), "rss_growth_percent": 100 * (after - before) / before}
+
+
 def parse_steps(text: str) -> list[tuple[int, int]]:
     """``"1x1,32x1,8x64"`` → [(concurrency, images per request), ...]."""
     steps = []
@@ -119,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--processes", type=int, default=1, help="load-generator processes (default %(default)s)")
     parser.add_argument("--server-args", default="", help="extra flags for the convserve-serve it starts")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the do-nothing server and ONNX Runtime runs")
+    parser.add_argument("--memory-seconds", type=float, default=60.0,
+                        help="with --model-repository: then load it this long at the largest concurrency and "
+                        "report resident-memory growth (0 skips; default %(default)s)")
     parser.add_argument("--output", type=Path, default=Path("bench-results"), help="folder for JSON and PNG")
     return parser
 
@@ -214,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{row['images_per_s']:9.0f} img/s  p50 {row['p50_ms']:6.2f}  p99 {row['p99_ms']:6.2f} ms  "
                       f"errors {row['errors'] or 0}", flush=True)
         memory["load_seconds"] = time.monotonic() - bench_started
+        if server_pid is not None and args.memory_seconds > 0:
+            concurrency = max(c for c, _ in steps)
+            memory.update(memory_growth(address, args.protocol, model, shape, server_pid, concurrency,
+                                        args.memory_seconds, args.processes))
         ceilings = {}
         if model_path is not None and not args.no_ceilings:
             for images in sorted({images for _, images in steps}):

@@ -1,0 +1,37 @@
+"""convserve-bench end to end: it starts a real server and the do-nothing ceiling, loads both, and reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from convserve_server.bench.cli import main, parse_steps
+
+
+def test_bench_reports_both_targets_ratios_memory_and_a_plot(tiny_repo, tmp_path):
+    output = tmp_path / "results"
+    status = main(["--model-repository", str(tiny_repo), "--steps", "1x1,4x8", "--duration", "0.5", "--warmup", "0.2",
+                   "--memory-seconds", "1", "--output", str(output)])
+    assert status == 0
+    report = json.loads((output / "bench.json").read_text())
+    targets = {(row["target"], row["concurrency"], row["images_per_request"]) for row in report["steps"]}
+    assert targets == {(t, c, i) for t in ("convserve", "do-nothing gRPC") for c, i in ((1, 1), (4, 8))}
+    for row in report["steps"]:
+        assert row["requests"] > 0 and row["errors"] == {}
+        assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    served = [row for row in report["steps"] if row["target"] == "convserve"]
+    assert all(1 <= row["mean_batch_size"] <= 64 for row in served)
+    assert set(report["onnxruntime_images_per_s"]) == {"1", "8"}
+    assert all("requests_per_s_vs_noop" in r and "images_per_s_vs_onnxruntime" in r for r in report["ratios"])
+    memory = report["server_memory"]
+    assert memory["memory_run_requests"] > 0 and memory["memory_run_errors"] == 0
+    assert 0 < memory["rss_before_mb"] < 1000
+    assert (output / "bench.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_bad_steps_are_a_one_line_error(tiny_repo, capsys):
+    assert main(["--model-repository", str(tiny_repo), "--steps", "32"]) == 2
+    assert "CONCURRENCYxIMAGES" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        parse_steps("0x1")
