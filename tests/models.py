@@ -16,17 +16,29 @@ TINY_LABELS = ("ant", "bee", "cat", "dog")
 
 def tiny_model(
     labels: tuple[str, ...] = TINY_LABELS, height: int = 8, width: int = 8, seed: int = 0,
-    name: str = "tiny", version: str = "1",
+    name: str = "tiny", version: str = "1", hidden_layers: int = 0, hidden_width: int = 1024,
 ) -> onnx.ModelProto:
-    """Flatten → MatMul → Add → Softmax on (N, H, W, 3) images, with a full model card."""
+    """Flatten → MatMul → Add → Softmax on (N, H, W, 3) images, with a full model card.
+
+    ``hidden_layers`` square MatMul+Tanh layers of ``hidden_width`` make it as slow as a test needs.
+    """
     rng = np.random.default_rng(seed)
     features = height * width * 3
-    weights = rng.normal(size=(features, len(labels))).astype(np.float32)
+    nodes = [helper.make_node("Reshape", ["image", "flat_shape"], ["flat"])]
+    hidden_weights = []
+    last, width_in = "flat", features
+    for layer in range(hidden_layers):
+        hidden_weights.append(numpy_helper.from_array(
+            (rng.normal(size=(width_in, hidden_width)) / np.sqrt(width_in)).astype(np.float32), f"hidden{layer}"))
+        nodes.append(helper.make_node("MatMul", [last, f"hidden{layer}"], [f"hidden{layer}_raw"]))
+        nodes.append(helper.make_node("Tanh", [f"hidden{layer}_raw"], [f"hidden{layer}_out"]))
+        last, width_in = f"hidden{layer}_out", hidden_width
+    weights = rng.normal(size=(width_in, len(labels))).astype(np.float32)
     bias = rng.normal(size=(len(labels),)).astype(np.float32)
     graph = helper.make_graph(
         [
-            helper.make_node("Reshape", ["image", "flat_shape"], ["flat"]),
-            helper.make_node("MatMul", ["flat", "weights"], ["logits_raw"]),
+            *nodes,
+            helper.make_node("MatMul", [last, "weights"], ["logits_raw"]),
             helper.make_node("Add", ["logits_raw", "bias"], ["logits"]),
             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
         ],
@@ -37,6 +49,7 @@ def tiny_model(
             numpy_helper.from_array(np.array([-1, features], dtype=np.int64), "flat_shape"),
             numpy_helper.from_array(weights, "weights"),
             numpy_helper.from_array(bias, "bias"),
+            *hidden_weights,
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -17,20 +17,20 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from convserve_client.protos import classifier_pb2, classifier_pb2_grpc, grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from convserve_client.protos import classifier_pb2, grpc_predict_v2_pb2
 from convserve_server.auth import BearerTokenInterceptor
 from convserve_server.config import ServerConfig
 from convserve_server.core import InferenceCore
 from convserve_server.metrics import ServerMetrics
 from convserve_server.servicers.classifier import ClassifierServicer
 from convserve_server.servicers.inference import InferenceServicer
+from convserve_server.servicers.registration import add_unary_service
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-    classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
-)
+INFERENCE_SERVICE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"]
+SERVICE_NAMES = (INFERENCE_SERVICE.full_name, CLASSIFIER_SERVICE.full_name)
 
 
 def _channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
@@ -67,8 +67,8 @@ class ConvserveServer:
         if config.auth_token is not None:
             interceptors.append(BearerTokenInterceptor(config.auth_token.get_secret_value()))
         self._server = grpc.aio.server(options=_channel_options(config), interceptors=interceptors)
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, metrics), self._server)
-        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(core, metrics), self._server)
+        add_unary_service(self._server, INFERENCE_SERVICE, InferenceServicer(core, metrics))
+        add_unary_service(self._server, CLASSIFIER_SERVICE, ClassifierServicer(core, metrics))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

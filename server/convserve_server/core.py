@@ -192,7 +192,7 @@ class InferenceCore:
         versions = self._versions_of(name)
         if not version:
             return versions[max(versions)]
-        if not version.isdigit() or int(version) not in versions:
+        if not (version.isascii() and version.isdigit()) or int(version) not in versions:
             raise ModelNotFound(f"model {name or 'default'} has no loaded version {version!r}; "
                                 f"loaded: {', '.join(map(str, sorted(versions)))}")
         return versions[int(version)]

@@ -14,6 +14,7 @@ import grpc.aio
 from convserve_server.core import InferenceCore
 from convserve_server.errors import DeadlineExpired, InvalidInput, ModelNotFound, ModelNotReady, Overloaded, ServingError
 from convserve_server.metrics import ServerMetrics
+from convserve_server.servicers.registration import MalformedRequest
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ def rpc(method: str) -> Callable[[Handler[Response]], Handler[Response]]:
             started = time.monotonic()
             code = grpc.StatusCode.OK
             try:
+                if isinstance(request, MalformedRequest):
+                    raise InvalidInput(f"request is not a valid {request.message_type} message: "
+                                       f"{request.error.rsplit(': ', 1)[-1]}")
                 return await handler(self, request, context)
             except ServingError as exc:
                 code = status_code_for(exc)
