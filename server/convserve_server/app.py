@@ -66,7 +66,8 @@ class ConvserveServer:
         interceptors = []
         if config.auth_token is not None:
             interceptors.append(BearerTokenInterceptor(config.auth_token.get_secret_value()))
-        self._server = grpc.aio.server(options=_channel_options(config), interceptors=interceptors)
+        self._server = grpc.aio.server(options=_channel_options(config), interceptors=interceptors,
+                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         add_unary_service(self._server, INFERENCE_SERVICE, InferenceServicer(core, metrics))
         add_unary_service(self._server, CLASSIFIER_SERVICE, ClassifierServicer(core, metrics))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)

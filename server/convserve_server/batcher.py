@@ -3,10 +3,12 @@
 When the model is idle, whatever is queued runs at once, so a lone request
 waits for nothing; while a batch computes, new requests queue and the next
 batch takes them all, so batches grow with load up to ``max_batch_size``.
-An optional queue delay lets a batch wait to fill.  Batches of up to
-``inline_max_rows`` rows run on the event-loop thread itself: for a few images
-on the CPU, handing the call to the worker thread and waking the loop again
-costs more than the model call.  Larger batches run on the worker thread.
+An optional queue delay lets a batch wait to fill.  A batch expected to take
+less than ``inline_budget_s`` (from the measured time per row) runs on the
+event-loop thread itself: for a few images on the CPU, handing the call to the
+worker thread and waking the loop again costs more than the model call.  Longer
+batches run on the worker thread, so the loop keeps admitting, queueing and
+refusing requests while the model computes.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_s: float = 0.0,
         max_queue_size: int = 1024,
-        inline_max_rows: int = 0,
+        inline_budget_s: float = 0.0,
         observer: BatchObserver | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -64,14 +66,15 @@ class DynamicBatcher:
             raise ValueError("max_queue_size must be an integer >= 1")
         if max_queue_delay_s < 0:
             raise ValueError("max_queue_delay_s must be >= 0")
-        if inline_max_rows < 0:
-            raise ValueError("inline_max_rows must be >= 0")
+        if inline_budget_s < 0:
+            raise ValueError("inline_budget_s must be >= 0")
         self._run_batch = run_batch
         self._executor = executor
         self._max_batch_size = max_batch_size
         self._max_queue_delay_s = max_queue_delay_s
         self._max_queue_size = max_queue_size
-        self._inline_max_rows = inline_max_rows
+        self._inline_budget_s = inline_budget_s
+        self._seconds_per_row: float | None = None  # moving average of measured compute time
         self._observer = observer
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
@@ -173,9 +176,10 @@ class DynamicBatcher:
 
     async def _compute(self, batch: list[_Pending]) -> None:
         parts = [item.rows for item in batch]
+        rows = sum(len(part) for part in parts)
         started = time.monotonic()
         try:
-            if sum(len(part) for part in parts) <= self._inline_max_rows:
+            if self._fits_inline(rows):
                 outputs = self._run_rows(parts)
             else:
                 outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_rows, parts)
@@ -188,12 +192,19 @@ class DynamicBatcher:
             _settle(batch[0].future, exc=exc)
             return
         finished = time.monotonic()
+        self._learn_speed(rows, finished - started)
         if self._observer is not None:
-            self._observer.observe_batch(
-                sum(len(item.rows) for item in batch), [started - item.enqueued for item in batch], finished - started
-            )
+            self._observer.observe_batch(rows, [started - item.enqueued for item in batch], finished - started)
         for item, output in zip(batch, outputs):
             _settle(item.future, result=output)
+
+    def _fits_inline(self, rows: int) -> bool:
+        return self._seconds_per_row is not None and rows * self._seconds_per_row <= self._inline_budget_s
+
+    def _learn_speed(self, rows: int, seconds: float) -> None:
+        per_row = seconds / rows
+        previous = self._seconds_per_row
+        self._seconds_per_row = per_row if previous is None else 0.8 * previous + 0.2 * per_row
 
     def _run_rows(self, parts: list[np.ndarray]) -> list[np.ndarray]:
         """One model call for all parts, split back per part."""

@@ -29,8 +29,9 @@ class ServerConfig(BaseSettings):
     max_queue_size: int = Field(1024, ge=1, description="queued requests per model before RESOURCE_EXHAUSTED")
     small_batch_rows: int = Field(8, ge=0, le=4096, description="CPU only: batches of at most this many images "
                                   "run single-threaded on the event-loop thread (0: never)")
-    inline_batch_rows: int = Field(64, ge=0, le=4096, description="CPU only: batches of at most this many images "
-                                   "run on the event-loop thread rather than the model's worker thread")
+    inline_budget_us: int = Field(200, ge=0, le=100_000, description="CPU only: a batch expected to compute within "
+                                  "this many microseconds runs on the event-loop thread, not the worker (0: never)")
+    max_concurrent_rpcs: int = Field(4096, ge=1, description="RPCs in progress before new ones get RESOURCE_EXHAUSTED")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: its default)")
     metrics_host: str = Field("0.0.0.0", description="address of the Prometheus metrics endpoint")
@@ -71,6 +72,11 @@ class ServerConfig(BaseSettings):
     def max_queue_delay_s(self) -> float:
         """The queue delay in seconds."""
         return self.max_queue_delay_us / 1e6
+
+    @property
+    def inline_budget_s(self) -> float:
+        """The inline compute budget in seconds."""
+        return self.inline_budget_us / 1e6
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,7 +41,7 @@ class ServedVersion:
             max_batch_size=config.max_batch_size,
             max_queue_delay_s=config.max_queue_delay_s,
             max_queue_size=config.max_queue_size,
-            inline_max_rows=config.inline_batch_rows if model.provider == CPU else 0,
+            inline_budget_s=config.inline_budget_s if model.provider == CPU else 0.0,
             observer=observer,
         )
         self._max_batch_size = config.max_batch_size

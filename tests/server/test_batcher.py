@@ -184,21 +184,25 @@ def test_rejects_bad_settings(executor):
         DynamicBatcher(lambda b: b, executor, max_batch_size=0)
     with pytest.raises(ValueError, match="max_queue_size"):
         DynamicBatcher(lambda b: b, executor, max_batch_size=1, max_queue_size=0)
-    with pytest.raises(ValueError, match="inline_max_rows"):
-        DynamicBatcher(lambda b: b, executor, max_batch_size=1, inline_max_rows=-1)
+    with pytest.raises(ValueError, match="inline_budget_s"):
+        DynamicBatcher(lambda b: b, executor, max_batch_size=1, inline_budget_s=-1)
 
 
-async def test_small_batches_run_on_the_loop_thread_and_larger_ones_on_the_worker(executor):
+async def test_batches_expected_to_be_quick_run_on_the_loop_thread_and_slow_ones_on_the_worker(executor):
     threads: list[str] = []
 
     def model(batch: np.ndarray) -> np.ndarray:
         threads.append(threading.current_thread().name)
+        time.sleep(0.002 * len(batch))  # 2 ms per row
         return batch * 2
 
-    batcher = DynamicBatcher(model, executor, max_batch_size=8, inline_max_rows=2)
+    batcher = DynamicBatcher(model, executor, max_batch_size=8, inline_budget_s=0.005)
     batcher.start()
-    np.testing.assert_array_equal(await batcher.submit(rows(1, 2)), rows(2, 4))
-    np.testing.assert_array_equal(await batcher.submit(rows(1, 2, 3)), rows(2, 4, 6))
-    assert threads[0] == threading.current_thread().name
-    assert threads[1] != threading.current_thread().name
+    for batch in (rows(1), rows(1), rows(1, 2), rows(1, 2, 3)):
+        np.testing.assert_array_equal(await batcher.submit(batch), batch * 2)
+    loop_thread = threading.current_thread().name
+    # The first call has no measured speed yet, so it goes to the worker; then 2 rows fit 5 ms, 3 do not.
+    assert threads[0] != loop_thread
+    assert threads[1] == loop_thread and threads[2] == loop_thread
+    assert threads[3] != loop_thread
     await batcher.close()

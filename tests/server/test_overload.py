@@ -1,0 +1,123 @@
+"""Overload and abandoned requests, against a real server process running a deliberately slow model.
+
+The model takes about a millisecond or two per call, so a few dozen callers that
+resend as soon as they are answered offer several times what it can compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import numpy as np
+import pytest
+
+from convserve_client.protos import grpc_predict_v2_pb2 as pb
+from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from tests.models import write_version
+from tests.process import ServerProcess
+
+QUEUE = 8
+OVERLOAD_SECONDS = 4.0
+CALLERS = 48
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    repository = tmp_path_factory.mktemp("overload") / "models"
+    write_version(repository, "slow", 1, hidden_layers=3, hidden_width=2048)
+    with ServerProcess(repository, "--max-batch-size", "2", "--max-queue-size", str(QUEUE),
+                       "--intra-op-threads", "1") as process:
+        yield process
+
+
+def request(rows: int = 1) -> pb.ModelInferRequest:
+    message = pb.ModelInferRequest(model_name="slow")
+    message.inputs.add(name="image", datatype="FP32", shape=[rows, 8, 8, 3])
+    message.raw_input_contents.append(np.full((rows, 8, 8, 3), 0.5, "<f4").tobytes())
+    return message
+
+
+async def hammer(address: str, seconds: float, callers: int) -> list[tuple[grpc.StatusCode, float]]:
+    """Closed-loop callers, each resending as soon as it is answered; (code, seconds) per call."""
+    outcomes: list[tuple[grpc.StatusCode, float]] = []
+    stop_at = time.monotonic() + seconds
+    async with grpc.aio.insecure_channel(address) as channel:
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        message = request()
+
+        async def caller() -> None:
+            while time.monotonic() < stop_at:
+                started = time.monotonic()
+                try:
+                    await infer(message, timeout=30)
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                outcomes.append((code, time.monotonic() - started))
+
+        await asyncio.gather(*(caller() for _ in range(callers)))
+    return outcomes
+
+
+def percentile_ms(outcomes: list[tuple[grpc.StatusCode, float]], code: grpc.StatusCode, q: float) -> float:
+    return float(np.percentile([s for c, s in outcomes if c == code], q)) * 1000
+
+
+def test_overload_is_refused_fast_accepted_work_stays_bounded_and_memory_too(slow_server: ServerProcess):
+    asyncio.run(hammer(slow_server.address, 1.0, 4))  # settle allocations before measuring memory
+    rss_before = slow_server.rss_mb()
+    outcomes = asyncio.run(hammer(slow_server.address, OVERLOAD_SECONDS, CALLERS))
+    rss_after = slow_server.rss_mb()
+    codes = {code for code, _ in outcomes}
+    accepted = sum(code == grpc.StatusCode.OK for code, _ in outcomes)
+    refused = sum(code == grpc.StatusCode.RESOURCE_EXHAUSTED for code, _ in outcomes)
+    figures = {
+        "offered_per_s": len(outcomes) / OVERLOAD_SECONDS, "answered_per_s": accepted / OVERLOAD_SECONDS,
+        "refused_share": refused / len(outcomes),
+        "refusal_p50_ms": percentile_ms(outcomes, grpc.StatusCode.RESOURCE_EXHAUSTED, 50),
+        "refusal_p99_ms": percentile_ms(outcomes, grpc.StatusCode.RESOURCE_EXHAUSTED, 99),
+        "accepted_p99_ms": percentile_ms(outcomes, grpc.StatusCode.OK, 99),
+        "rss_before_mb": rss_before, "rss_after_mb": rss_after,
+    }
+    print("overload figures:", {k: round(v, 2) for k, v in figures.items()})
+    assert codes == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert figures["offered_per_s"] > 3 * figures["answered_per_s"], "the test must offer several times capacity"
+    assert figures["refusal_p50_ms"] < 20 and figures["refusal_p99_ms"] < 150
+    # At most QUEUE requests wait ahead of an accepted one, each a model call of a few milliseconds.
+    assert figures["accepted_p99_ms"] < 500
+    assert rss_after - rss_before < 30
+    assert slow_server.alive
+    assert slow_server.metric('convserve_queue_depth{model="slow"}') == 0
+
+
+async def test_cancelled_and_timed_out_callers_leave_no_stuck_work(slow_server: ServerProcess):
+    computed_before = slow_server.metric('convserve_batch_size_sum{model="slow"}')
+    async with grpc.aio.insecure_channel(slow_server.address) as channel:
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        # Queue-filling waves: short deadlines that expire while queued, and calls their callers cancel.
+        abandoned = 0
+        for _ in range(10):
+            timing_out = [infer(request(), timeout=0.003) for _ in range(QUEUE // 2)]
+            cancelled = [infer(request(), timeout=30) for _ in range(QUEUE // 2)]
+            await asyncio.sleep(0.002)
+            for call in cancelled:
+                call.cancel()
+            for call in (*timing_out, *cancelled):
+                try:
+                    await call
+                except (grpc.aio.AioRpcError, asyncio.CancelledError):
+                    abandoned += 1
+        assert abandoned > 0
+        await asyncio.sleep(0.5)
+        assert slow_server.metric('convserve_queue_depth{model="slow"}') == 0
+        started = time.monotonic()
+        answer = await infer(request(2), timeout=5)
+        assert list(answer.outputs[0].shape) == [2, 4]
+        assert time.monotonic() - started < 1.0, "a fresh request must not wait behind abandoned work"
+    computed = slow_server.metric('convserve_batch_size_sum{model="slow"}') - computed_before
+    assert computed < 80 + 2, "abandoned requests must be dropped before compute, not run"
