@@ -35,7 +35,7 @@ test: install
 
 ## soak: the long soak test
 soak: install
-	$(BIN)/python -m pytest -m soak -v
+	$(BIN)/python -m pytest -m soak -v -s
 
 ## bench: benchmark the server against its ceilings; writes bench-results/
 bench: train

@@ -199,7 +199,9 @@ class DynamicBatcher:
             _settle(item.future, result=output)
 
     def _fits_inline(self, rows: int) -> bool:
-        return self._seconds_per_row is not None and rows * self._seconds_per_row <= self._inline_budget_s
+        if self._inline_budget_s <= 0 or self._seconds_per_row is None:
+            return False
+        return rows * self._seconds_per_row <= self._inline_budget_s
 
     def _learn_speed(self, rows: int, seconds: float) -> None:
         per_row = seconds / rows

@@ -68,6 +68,7 @@ class BadCaller(threading.Thread):
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(SETTLE_SECONDS + SOAK_SECONDS + 180)
 def test_soak_good_and_bad_requests_for_minutes(tmp_path: Path):
     model_path = write_version(tmp_path / "models", "tiny", 1)
     with ServerProcess(tmp_path / "models") as server:
