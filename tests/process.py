@@ -23,6 +23,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def wait_until_ready(address: str, process: subprocess.Popen, timeout_s: float = 60) -> None:
+    """Block until the server at ``address`` says it is ready; fail if ``process`` exits first."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while True:
+            assert process.poll() is None, "server exited before it was ready"
+            try:
+                if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.1)
+
+
 class ServerProcess:
     """``python -m convserve_server`` on loopback; use as a context manager (waits until ready, then stops it)."""
 
@@ -53,18 +69,8 @@ class ServerProcess:
 
     def wait_ready(self, timeout_s: float = 60) -> None:
         """Block until ServerReady says so; fail if the process exits first."""
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            while True:
-                assert self.alive, f"server exited: {self.process.communicate()[1].decode()[-2000:]}"  # type: ignore[union-attr]
-                try:
-                    if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                        return
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, "server never became ready"
-                time.sleep(0.1)
+        assert self.process is not None
+        wait_until_ready(self.address, self.process, timeout_s)
 
     @property
     def alive(self) -> bool:

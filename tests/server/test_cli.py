@@ -21,6 +21,7 @@ from convserve_server.errors import StartupError
 from convserve_server.runtime import CUDA, DeviceRequest, OnnxModel
 
 from tests.models import tiny_model, write_version
+from tests.process import wait_until_ready
 
 
 def serve(*args: str) -> subprocess.Popen[str]:
@@ -104,17 +105,9 @@ def test_sigterm_with_requests_in_flight_answers_them_and_exits_zero(tiny_repo):
     process = serve("--model-repository", str(tiny_repo), "--host", "127.0.0.1", "--port", str(port),
                     "--device", "cpu", "--max-queue-delay-us", "500000", "--grace-period-s", "10")
     try:
+        wait_until_ready(f"127.0.0.1:{port}", process)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.1)
         request = pb.ModelInferRequest(model_name="tiny")
         request.inputs.add(name="image", datatype="FP32", shape=[1, 8, 8, 3])
         request.raw_input_contents.append(np.zeros((1, 8, 8, 3), "<f4").tobytes())

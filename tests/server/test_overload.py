@@ -120,4 +120,6 @@ async def test_cancelled_and_timed_out_callers_leave_no_stuck_work(slow_server: 
         assert list(answer.outputs[0].shape) == [2, 4]
         assert time.monotonic() - started < 1.0, "a fresh request must not wait behind abandoned work"
     computed = slow_server.metric('convserve_batch_size_sum{model="slow"}') - computed_before
-    assert computed < 80 + 2, "abandoned requests must be dropped before compute, not run"
+    sent = 10 * QUEUE
+    # Measured: 29-37 of the 82 rows computed; a quarter or more must have been dropped unrun.
+    assert computed <= 2 + sent * 3 // 4, f"{computed} rows computed: abandoned requests must be dropped, not run"
