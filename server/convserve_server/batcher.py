@@ -9,6 +9,10 @@ event-loop thread itself: for a few images on the CPU, handing the call to the
 worker thread and waking the loop again costs more than the model call.  Longer
 batches run on the worker thread, so the loop keeps admitting, queueing and
 refusing requests while the model computes.
+
+A request that finds the model idle, nothing queued, no queue delay set and
+its compute within the inline budget is run by its caller at once: waking the
+batching task and then the caller again would cost more than the model call.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class DynamicBatcher:
         self._observer = observer
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
+        self._computing = False  # a batch is running (inline or on the worker)
         self._arrived = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -108,6 +113,8 @@ class DynamicBatcher:
         """
         if self._closing or self._task is None:
             raise ModelNotReady("server is draining; not accepting new requests")
+        if self._may_run_now(len(rows)):
+            return self._run_now(rows, deadline)
         chunks = [rows[start : start + self._max_batch_size] for start in range(0, len(rows), self._max_batch_size)]
         if len(self._queue) + len(chunks) > self._max_queue_size:
             raise Overloaded(f"queue full ({self._max_queue_size} requests waiting); retry later")
@@ -121,6 +128,25 @@ class DynamicBatcher:
             return await pending[0].future
         results = await asyncio.gather(*(item.future for item in pending))
         return np.concatenate(results)
+
+    def _may_run_now(self, rows: int) -> bool:
+        return (not self._queue and not self._computing and self._max_queue_delay_s == 0
+                and rows <= self._max_batch_size and self._fits_inline(rows))
+
+    def _run_now(self, rows: np.ndarray, deadline: float | None) -> np.ndarray:
+        """Run a lone request in its caller's task; nothing else can start meanwhile (no await)."""
+        started = time.monotonic()
+        if deadline is not None and started >= deadline:
+            raise DeadlineExpired("deadline passed before compute")
+        output = self._run_rows([rows])[0]
+        self._finished(len(rows), [0.0], started)
+        return output
+
+    def _finished(self, rows: int, queue_seconds: list[float], started: float) -> None:
+        elapsed = time.monotonic() - started
+        self._learn_speed(rows, elapsed)
+        if self._observer is not None:
+            self._observer.observe_batch(rows, queue_seconds, elapsed)
 
     def _report_depth(self) -> None:
         if self._observer is not None:
@@ -179,10 +205,7 @@ class DynamicBatcher:
         rows = sum(len(part) for part in parts)
         started = time.monotonic()
         try:
-            if self._fits_inline(rows):
-                outputs = self._run_rows(parts)
-            else:
-                outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_rows, parts)
+            outputs = await self._run_parts(parts, rows)
         except Exception as exc:
             if len(batch) > 1:
                 # Find the culprit: run each request alone so one bad input fails only its caller.
@@ -191,12 +214,18 @@ class DynamicBatcher:
                 return
             _settle(batch[0].future, exc=exc)
             return
-        finished = time.monotonic()
-        self._learn_speed(rows, finished - started)
-        if self._observer is not None:
-            self._observer.observe_batch(rows, [started - item.enqueued for item in batch], finished - started)
+        self._finished(rows, [started - item.enqueued for item in batch], started)
         for item, output in zip(batch, outputs):
             _settle(item.future, result=output)
+
+    async def _run_parts(self, parts: list[np.ndarray], rows: int) -> list[np.ndarray]:
+        self._computing = True
+        try:
+            if self._fits_inline(rows):
+                return self._run_rows(parts)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_rows, parts)
+        finally:
+            self._computing = False
 
     def _fits_inline(self, rows: int) -> bool:
         if self._inline_budget_s <= 0 or self._seconds_per_row is None:

@@ -28,9 +28,10 @@ class ServerConfig(BaseSettings):
     max_queue_delay_us: int = Field(0, ge=0, le=10_000_000, description="how long a batch may wait to fill (0: run at once)")
     max_queue_size: int = Field(1024, ge=1, description="queued requests per model before RESOURCE_EXHAUSTED")
     small_batch_rows: int = Field(8, ge=0, le=4096, description="CPU only: batches of at most this many images "
-                                  "run single-threaded on the event-loop thread (0: never)")
+                                  "run in a single-threaded ONNX Runtime session (0: never)")
     inline_budget_us: int = Field(200, ge=0, le=100_000, description="CPU only: a batch expected to compute within "
-                                  "this many microseconds runs on the event-loop thread, not the worker (0: never)")
+                                  "this many microseconds runs on the event-loop thread, not the worker, and a lone "
+                                  "one that finds the model idle runs at once in its caller's task (0: never)")
     max_concurrent_rpcs: int = Field(4096, ge=1, description="RPCs in progress before new ones get RESOURCE_EXHAUSTED")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: its default)")

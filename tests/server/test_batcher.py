@@ -206,3 +206,67 @@ async def test_batches_expected_to_be_quick_run_on_the_loop_thread_and_slow_ones
     assert threads[1] == loop_thread and threads[2] == loop_thread
     assert threads[3] != loop_thread
     await batcher.close()
+
+
+async def test_lone_quick_request_runs_in_its_callers_task_and_queues_while_a_batch_computes(executor):
+    tasks: list[asyncio.Task | None] = []
+    release = threading.Event()
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        tasks.append(asyncio.current_task() if threading.current_thread() is threading.main_thread() else None)
+        if len(batch) > 2:
+            release.wait(timeout=10)  # the big batch runs on the worker and holds the model
+        return batch * 2
+
+    observed: list[tuple[int, list[float]]] = []
+
+    class Observer:
+        def observe_batch(self, rows: int, queue_seconds: list[float], compute_seconds: float) -> None:
+            observed.append((rows, queue_seconds))
+
+        def observe_queue_depth(self, requests: int) -> None:
+            pass
+
+    batcher = DynamicBatcher(model, executor, max_batch_size=8, inline_budget_s=0.5, observer=Observer())
+    batcher.start()
+    await batcher.submit(rows(1))  # no measured speed yet: through the batching task
+    assert tasks[-1] is not asyncio.current_task()
+    np.testing.assert_array_equal(await batcher.submit(rows(3)), rows(6))
+    assert tasks[-1] is asyncio.current_task()  # now known to be quick: run by its caller
+    assert observed[-1] == (1, [0.0])
+
+    batcher._seconds_per_row = 1.0  # the next 3-row batch is predicted slow: it goes to the worker
+    big = asyncio.ensure_future(batcher.submit(rows(1, 2, 3)))
+    await wait_until(lambda: len(tasks) == 3)
+    batcher._seconds_per_row = 1e-6
+    small = [asyncio.ensure_future(batcher.submit(rows(v))) for v in (4, 5)]
+    await asyncio.sleep(0.01)
+    assert len(tasks) == 3 and batcher.queue_depth == 2  # the model is busy, so they wait their turn
+    release.set()
+    np.testing.assert_array_equal(await big, rows(2, 4, 6))
+    assert [r.tolist() for r in await asyncio.gather(*small)] == [rows(8).tolist(), rows(10).tolist()]
+    assert len(tasks) == 4  # and were batched together
+    await batcher.close()
+
+
+async def test_direct_run_respects_an_expired_deadline_and_queue_delay(executor):
+    calls: list[int] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        return batch
+
+    batcher = DynamicBatcher(model, executor, max_batch_size=8, inline_budget_s=0.5)
+    batcher.start()
+    await batcher.submit(rows(1))
+    with pytest.raises(DeadlineExpired):
+        await batcher.submit(rows(1), deadline=time.monotonic() - 1)
+    assert calls == [1]
+    await batcher.close()
+
+    delayed = DynamicBatcher(model, executor, max_batch_size=8, max_queue_delay_s=0.05, inline_budget_s=0.5)
+    delayed.start()
+    await delayed.submit(rows(1))
+    results = await asyncio.gather(*(delayed.submit(rows(v)) for v in (1, 2, 3)))
+    assert len(results) == 3 and calls[-1] == 3  # with a queue delay set, requests still wait to batch
+    await delayed.close()
