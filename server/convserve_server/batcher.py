@@ -13,6 +13,8 @@ refusing requests while the model computes.
 A request that finds the model idle, nothing queued, no queue delay set and
 its compute within the inline budget is run by its caller at once: waking the
 batching task and then the caller again would cost more than the model call.
+Under load, a :class:`LoadAwareHold` lets such a request wait briefly for
+others instead, as long as those waits keep gathering several requests.
 """
 
 from __future__ import annotations
@@ -42,6 +44,66 @@ class BatchObserver(Protocol):
         """The number of queued requests changed."""
 
 
+class LoadAwareHold:
+    """Decides when batches should wait ``hold_s`` for more requests, as a fixed queue delay would.
+
+    Waiting pays only under load: while callers send requests faster than a hold
+    lasts, a hold gathers several into one model call, and one call for many
+    requests costs far less than one each.  A lone caller's next request comes
+    only after its answer, so a hold would gather nothing and only add latency.
+    Hence holds are tried only when the previous request arrived within
+    ``hold_s``, end early once arrivals pause for twice their usual gap, and are
+    kept while they gather at least :attr:`PAYS_AT` requests and more requests
+    arrive while the held batch computes.  If none do, every caller was waiting
+    on that batch: the hold made them take turns in lockstep, which costs a few
+    callers more than batching saves them.  Held batches compute on the worker
+    thread, so that the loop admits requests meanwhile.
+    after one that does not, the next 1, 2, 4 ... up to :attr:`MAX_SKIP` chances
+    pass before another try, so at low load about one request in a thousand waits.
+    """
+
+    PAYS_AT = 4  # fewer means a handful of callers, for whom the wait costs more than batching saves
+    MAX_SKIP = 1024
+
+    def __init__(self, hold_s: float) -> None:
+        if hold_s < 0:
+            raise ValueError("hold_s must be >= 0")
+        self.hold_s = hold_s
+        self.holding = False
+        self._last_arrival = float("-inf")
+        self._usual_gap = hold_s
+        self._skip_next = 0
+        self._backoff = 0
+
+    def on_arrival(self, now: float) -> bool:
+        """Record an arrival; True if its batch should hold."""
+        gap = now - self._last_arrival
+        self._last_arrival = now
+        if gap < self.hold_s:
+            self._usual_gap = 0.9 * self._usual_gap + 0.1 * gap
+        if self.holding or self.hold_s <= 0 or gap >= self.hold_s:
+            return self.holding
+        if self._skip_next > 0:
+            self._skip_next -= 1
+            return False
+        self.holding = True
+        return True
+
+    @property
+    def pause_s(self) -> float:
+        """A wait this long with no arrival means the callers have all sent: stop holding this batch."""
+        return 2 * self._usual_gap
+
+    def judge(self, gathered: int, arrived_meanwhile: bool) -> None:
+        """A held batch of ``gathered`` requests computed; did others arrive meanwhile?"""
+        if gathered >= self.PAYS_AT and arrived_meanwhile:
+            self._backoff = 0
+            return
+        self.holding = False
+        self._backoff = min(max(1, 2 * self._backoff), self.MAX_SKIP)
+        self._skip_next = self._backoff
+
+
 @dataclass
 class _Pending:
     rows: np.ndarray
@@ -62,6 +124,7 @@ class DynamicBatcher:
         max_queue_delay_s: float = 0.0,
         max_queue_size: int = 1024,
         inline_budget_s: float = 0.0,
+        hold_under_load_s: float = 0.0,
         observer: BatchObserver | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -83,6 +146,8 @@ class DynamicBatcher:
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
         self._computing = False  # a batch is running (inline or on the worker)
+        # With a fixed queue delay every batch waits anyway; the load-aware hold is for delay 0.
+        self._hold = LoadAwareHold(0.0 if max_queue_delay_s > 0 else hold_under_load_s)
         self._arrived = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -113,7 +178,7 @@ class DynamicBatcher:
         """
         if self._closing or self._task is None:
             raise ModelNotReady("server is draining; not accepting new requests")
-        if self._may_run_now(len(rows)):
+        if not self._hold.on_arrival(time.monotonic()) and self._may_run_now(len(rows)):
             return self._run_now(rows, deadline)
         chunks = [rows[start : start + self._max_batch_size] for start in range(0, len(rows), self._max_batch_size)]
         if len(self._queue) + len(chunks) > self._max_queue_size:
@@ -154,12 +219,15 @@ class DynamicBatcher:
 
     async def _loop(self) -> None:
         while True:
-            batch = await self._next_batch()
+            held = self._hold.holding
+            batch = await self._next_batch(held)
             if not batch:
                 if self._closing and not self._queue:
                     return
                 continue
-            await self._compute(batch)
+            await self._compute(batch, on_worker=held)
+            if held:
+                self._hold.judge(len(batch), arrived_meanwhile=bool(self._queue))
 
     async def _wait_for_arrival(self, timeout: float | None) -> bool:
         self._arrived.clear()
@@ -169,15 +237,18 @@ class DynamicBatcher:
             return False
         return True
 
-    async def _next_batch(self) -> list[_Pending]:
+    async def _next_batch(self, held: bool) -> list[_Pending]:
         while not self._queue:
             if self._closing:
                 return []
             await self._wait_for_arrival(None)
-        if self._max_queue_delay_s > 0:
-            fill_by = time.monotonic() + self._max_queue_delay_s
+        delay = self._max_queue_delay_s or (self._hold.hold_s if held else 0.0)
+        if delay > 0:
+            fill_by = time.monotonic() + delay
             while self._queued_rows < self._max_batch_size and not self._closing:
                 remaining = fill_by - time.monotonic()
+                if held:
+                    remaining = min(remaining, self._hold.pause_s)
                 if remaining <= 0 or not await self._wait_for_arrival(remaining):
                     break
         return self._take_batch()
@@ -200,12 +271,12 @@ class DynamicBatcher:
         self._report_depth()
         return batch
 
-    async def _compute(self, batch: list[_Pending]) -> None:
+    async def _compute(self, batch: list[_Pending], on_worker: bool = False) -> None:
         parts = [item.rows for item in batch]
         rows = sum(len(part) for part in parts)
         started = time.monotonic()
         try:
-            outputs = await self._run_parts(parts, rows)
+            outputs = await self._run_parts(parts, rows, on_worker)
         except Exception as exc:
             if len(batch) > 1:
                 # Find the culprit: run each request alone so one bad input fails only its caller.
@@ -218,10 +289,10 @@ class DynamicBatcher:
         for item, output in zip(batch, outputs):
             _settle(item.future, result=output)
 
-    async def _run_parts(self, parts: list[np.ndarray], rows: int) -> list[np.ndarray]:
+    async def _run_parts(self, parts: list[np.ndarray], rows: int, on_worker: bool) -> list[np.ndarray]:
         self._computing = True
         try:
-            if self._fits_inline(rows):
+            if not on_worker and self._fits_inline(rows):
                 return self._run_rows(parts)
             return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_rows, parts)
         finally:

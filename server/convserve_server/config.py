@@ -32,6 +32,10 @@ class ServerConfig(BaseSettings):
     inline_budget_us: int = Field(200, ge=0, le=100_000, description="CPU only: a batch expected to compute within "
                                   "this many microseconds runs on the event-loop thread, not the worker, and a lone "
                                   "one that finds the model idle runs at once in its caller's task (0: never)")
+    hold_under_load_us: int = Field(1000, ge=0, le=1_000_000, description="with no queue delay: under load, how "
+                                    "long a request finding the model idle may wait for others to batch with; kept "
+                                    "only while such waits gather 4 or more, so a lone caller almost never waits "
+                                    "(0: never)")
     max_concurrent_rpcs: int = Field(4096, ge=1, description="RPCs in progress before new ones get RESOURCE_EXHAUSTED")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: its default)")
@@ -73,6 +77,11 @@ class ServerConfig(BaseSettings):
     def max_queue_delay_s(self) -> float:
         """The queue delay in seconds."""
         return self.max_queue_delay_us / 1e6
+
+    @property
+    def hold_under_load_s(self) -> float:
+        """The load-aware hold in seconds."""
+        return self.hold_under_load_us / 1e6
 
     @property
     def inline_budget_s(self) -> float:

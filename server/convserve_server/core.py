@@ -42,6 +42,7 @@ class ServedVersion:
             max_queue_delay_s=config.max_queue_delay_s,
             max_queue_size=config.max_queue_size,
             inline_budget_s=config.inline_budget_s if model.provider == CPU else 0.0,
+            hold_under_load_s=config.hold_under_load_s,
             observer=observer,
         )
         self._max_batch_size = config.max_batch_size

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from convserve_server.batcher import DynamicBatcher
+from convserve_server.batcher import DynamicBatcher, LoadAwareHold
 from convserve_server.errors import DeadlineExpired, ModelNotReady, Overloaded
 
 
@@ -270,3 +270,60 @@ async def test_direct_run_respects_an_expired_deadline_and_queue_delay(executor)
     results = await asyncio.gather(*(delayed.submit(rows(v)) for v in (1, 2, 3)))
     assert len(results) == 3 and calls[-1] == 3  # with a queue delay set, requests still wait to batch
     await delayed.close()
+
+
+def test_load_aware_hold_is_tried_only_on_quick_arrivals_kept_while_it_pays_and_backs_off_when_not():
+    hold = LoadAwareHold(0.001)
+    assert not hold.on_arrival(10.0)  # first request ever
+    assert not hold.on_arrival(10.5)  # a lone caller: the previous request came long ago
+    assert hold.on_arrival(10.5002) and hold.holding  # a quick arrival: try a hold
+    hold.judge(gathered=6, arrived_meanwhile=True)
+    assert hold.holding and hold.on_arrival(10.5004)  # it paid: keep holding
+    hold.judge(gathered=8, arrived_meanwhile=False)  # every caller was in the batch: lockstep
+    assert not hold.holding
+    assert not hold.on_arrival(10.5006)  # skips one chance ...
+    assert hold.on_arrival(10.5008)  # ... then tries again
+    hold.judge(gathered=1, arrived_meanwhile=False)
+    skipped = 0
+    while not hold.on_arrival(10.501 + skipped * 1e-4):
+        skipped += 1
+    assert skipped == 2  # then two, four, ... chances
+    hold.judge(gathered=2, arrived_meanwhile=True)  # too few to pay
+    for _ in range(20):
+        hold.judge(gathered=1, arrived_meanwhile=False)
+    skipped = 0
+    while not hold.on_arrival(10.502 + skipped * 1e-4):
+        skipped += 1
+    assert skipped == LoadAwareHold.MAX_SKIP
+    with pytest.raises(ValueError):
+        LoadAwareHold(-1)
+
+
+async def test_hold_batches_a_stream_of_callers_on_the_worker_but_a_lone_caller_never_waits(executor):
+    calls: list[tuple[int, bool]] = []
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        calls.append((len(batch), threading.current_thread() is threading.main_thread()))
+        time.sleep(0.0005)  # the worker computes while the loop admits more
+        return batch * 2
+
+    batcher = DynamicBatcher(model, executor, max_batch_size=64, inline_budget_s=0.5, hold_under_load_s=0.02)
+    batcher.start()
+    started = time.monotonic()
+    for value in range(5):  # one caller, a request every 30 ms: never held
+        await asyncio.sleep(0.03)
+        np.testing.assert_array_equal(await batcher.submit(rows(value)), rows(2 * value))
+    assert [size for size, _ in calls] == [1] * 5 and all(on_loop for _, on_loop in calls[1:])
+    assert time.monotonic() - started < 0.15 + 0.05
+
+    async def caller(index: int) -> None:  # 12 callers with a backlog: held batches
+        for request in range(10):
+            value = index * 100 + request
+            np.testing.assert_array_equal(await batcher.submit(rows(value)), rows(2 * value))
+
+    calls.clear()
+    await asyncio.gather(*(caller(i) for i in range(12)))
+    held = [size for size, on_loop in calls if not on_loop]
+    assert sum(size for size, _ in calls) == 120
+    assert len(calls) < 60 and max(held) >= LoadAwareHold.PAYS_AT
+    await batcher.close()
