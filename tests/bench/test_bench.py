@@ -11,8 +11,8 @@ from convserve_server.bench.cli import main, parse_steps
 
 def test_bench_reports_both_targets_ratios_memory_and_a_plot(tiny_repo, tmp_path):
     output = tmp_path / "results"
-    status = main(["--model-repository", str(tiny_repo), "--steps", "1x1,4x8", "--duration", "0.5", "--warmup", "0.2",
-                   "--memory-seconds", "1", "--output", str(output)])
+    status = main(["--model-repository", str(tiny_repo), "--steps", "1x1,4x8", "--duration", "0.6", "--warmup", "0.2",
+                   "--rounds", "2", "--memory-seconds", "1", "--output", str(output)])
     assert status == 0
     report = json.loads((output / "bench.json").read_text())
     targets = {(row["target"], row["concurrency"], row["images_per_request"]) for row in report["steps"]}
@@ -20,6 +20,7 @@ def test_bench_reports_both_targets_ratios_memory_and_a_plot(tiny_repo, tmp_path
     for row in report["steps"]:
         assert row["requests"] > 0 and row["errors"] == {}
         assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+        assert 0 < row["server_cpu_us_per_request"] < 1e6  # both servers were started by the tool: CPU is known
     served = [row for row in report["steps"] if row["target"] == "convserve"]
     assert all(1 <= row["mean_batch_size"] <= 64 for row in served)
     assert set(report["onnxruntime_images_per_s"]) == {"1", "8"}
@@ -33,5 +34,7 @@ def test_bench_reports_both_targets_ratios_memory_and_a_plot(tiny_repo, tmp_path
 def test_bad_steps_are_a_one_line_error(tiny_repo, capsys):
     assert main(["--model-repository", str(tiny_repo), "--steps", "32"]) == 2
     assert "CONCURRENCYxIMAGES" in capsys.readouterr().err
+    assert main(["--model-repository", str(tiny_repo), "--rounds", "0"]) == 2
+    assert "--rounds" in capsys.readouterr().err
     with pytest.raises(ValueError):
         parse_steps("0x1")

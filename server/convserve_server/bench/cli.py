@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from convserve_client.protos import grpc_predict_v2_pb2 as pb
 from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
-from convserve_server.bench.loadgen import Step, run_step, summarize
+from convserve_server.bench.loadgen import Step, StepResult, run_step, summarize
 from convserve_server.repository import scan_repository
 
 _PROG = "convserve-bench"
@@ -57,6 +57,14 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    """User plus system CPU time of a process and its threads so far (0 if unknown)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _batch_totals(metrics_port: int | None) -> tuple[float, float]:
@@ -142,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", default="1x1,8x1,32x1,8x64", help="CONCURRENCYxIMAGES list (default %(default)s)")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per step (default %(default)s)")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds per step (default %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="each step's measured time is split into this many "
+                        "rounds, alternating between the targets, so that a noisy machine's drift hits them alike "
+                        "(default %(default)s)")
     parser.add_argument("--processes", type=int, default=1, help="load-generator processes (default %(default)s)")
     parser.add_argument("--server-args", default="", help="extra flags for the convserve-serve it starts")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the do-nothing server and ONNX Runtime runs")
@@ -187,6 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         steps = parse_steps(args.steps)
+        if args.rounds < 1:
+            raise ValueError("--rounds must be at least 1")
     except ValueError as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)
         return 2
@@ -213,10 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _wait_ready(address)
         shape, model = _model_shape(address, args.model)
         targets = {"convserve": address}
+        pids: dict[str, int | None] = {"convserve": server_pid}
         if not args.no_ceilings:
             noop_port = _free_port()
             children.append(_start(["convserve_server.bench.noop_server", "--port", str(noop_port)]))
             targets["do-nothing gRPC"] = f"127.0.0.1:{noop_port}"
+            pids["do-nothing gRPC"] = children[-1].pid
             _wait_ready(targets["do-nothing gRPC"])
 
         rows: list[dict[str, Any]] = []
@@ -224,24 +239,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_started = time.monotonic()
         for concurrency, images in steps:
             step = Step(concurrency, images, args.duration, args.warmup)
-            for name, target_address in targets.items():
-                protocol = args.protocol if name == "convserve" else "oip"
-                before = _batch_totals(metrics_port) if name == "convserve" else (0.0, 0.0)
-                row = summarize(step, run_step(target_address, protocol, model, shape, step, args.processes))
+            measured = _alternate(targets, pids, args.protocol, model, shape, step, args.rounds, args.processes,
+                                  metrics_port)
+            for name in targets:
+                result, cpu_seconds, (batched_images, calls) = measured[name]
+                row = summarize(step, result)
                 row["target"] = name
+                known = row["requests"] and pids.get(name) is not None
+                row["server_cpu_us_per_request"] = 1e6 * cpu_seconds / row["requests"] if known else None
                 if name == "convserve" and metrics_port is not None:
-                    after = _batch_totals(metrics_port)
-                    calls = after[1] - before[1]
-                    row["mean_batch_size"] = (after[0] - before[0]) / calls if calls else float("nan")
+                    row["mean_batch_size"] = batched_images / calls if calls else float("nan")
                     if server_pid is not None:
                         rss = _rss_mb(server_pid)
                         memory.setdefault("rss_first_step_mb", rss)
                         memory["rss_last_step_mb"] = rss
                         memory["rss_peak_mb"] = max(memory.get("rss_peak_mb", 0.0), rss)
                 rows.append(row)
+                cpu = row["server_cpu_us_per_request"]
                 print(f"{name:>16} c={concurrency:<3} b={images:<3} {row['requests_per_s']:9.0f} req/s "
                       f"{row['images_per_s']:9.0f} img/s  p50 {row['p50_ms']:6.2f}  p99 {row['p99_ms']:6.2f} ms  "
-                      f"errors {row['errors'] or 0}", flush=True)
+                      f"server CPU {cpu or float('nan'):7.0f} us/req  errors {row['errors'] or 0}", flush=True)
         memory["load_seconds"] = time.monotonic() - bench_started
         if server_pid is not None and args.memory_seconds > 0:
             concurrency = max(c for c, _ in steps)
@@ -266,6 +283,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             child.terminate()
         for child in children:
             child.wait(timeout=30)
+
+
+def _alternate(targets: dict[str, str], pids: dict[str, int | None], protocol: str, model: str,
+               shape: tuple[int, int, int], step: Step, rounds: int, processes: int,
+               metrics_port: int | None) -> dict[str, tuple[StepResult, float, tuple[float, float]]]:
+    """Load each target for ``step`` in ``rounds`` alternating slices.
+
+    Per target: the merged results, the server's CPU seconds while measured, and
+    (images, model calls) from its batch-size metric (zeros where it has none).
+    """
+    results = {name: StepResult() for name in targets}
+    cpu_seconds = dict.fromkeys(targets, 0.0)
+    batches = {name: [0.0, 0.0] for name in targets}
+    for round_index in range(rounds):
+        # The first round warms up fully; later ones only long enough to open their channel.
+        warmup = step.warmup_s if round_index == 0 else min(step.warmup_s, 0.2)
+        part = Step(step.concurrency, step.images_per_request, step.duration_s / rounds, warmup)
+        for name, address in targets.items():
+            served = name == "convserve"
+            pid = pids.get(name)
+            before = _batch_totals(metrics_port) if served else (0.0, 0.0)
+            cpu_at_start: list[float] = []
+            timer = threading.Timer(warmup, lambda pid=pid, mark=cpu_at_start: mark.append(_cpu_seconds(pid)))
+            timer.start()
+            results[name].append(run_step(address, protocol if served else "oip", model, shape, part, processes))
+            timer.join()
+            cpu_seconds[name] += _cpu_seconds(pid) - cpu_at_start[0]
+            after = _batch_totals(metrics_port) if served else (0.0, 0.0)
+            batches[name][0] += after[0] - before[0]
+            batches[name][1] += after[1] - before[1]
+    return {name: (results[name], cpu_seconds[name], (batches[name][0], batches[name][1])) for name in targets}
 
 
 def _ratios(rows: list[dict[str, Any]], ceilings: dict[str, float]) -> list[dict[str, Any]]:

@@ -41,6 +41,12 @@ class StepResult:
         self.errors.update(other.errors)
         self.elapsed_s = max(self.elapsed_s, other.elapsed_s)
 
+    def append(self, other: StepResult) -> None:
+        """Add the measurements of a later time window."""
+        self.latencies_s.extend(other.latencies_s)
+        self.errors.update(other.errors)
+        self.elapsed_s += other.elapsed_s
+
 
 def _request_factory(protocol: str, model: str, images: np.ndarray):
     if protocol == "oip":
