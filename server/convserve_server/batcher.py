@@ -56,10 +56,10 @@ class LoadAwareHold:
     kept while they gather at least :attr:`PAYS_AT` requests and more requests
     arrive while the held batch computes.  If none do, every caller was waiting
     on that batch: the hold made them take turns in lockstep, which costs a few
-    callers more than batching saves them.  Held batches compute on the worker
-    thread, so that the loop admits requests meanwhile.
-    after one that does not, the next 1, 2, 4 ... up to :attr:`MAX_SKIP` chances
-    pass before another try, so at low load about one request in a thousand waits.
+    callers more than batching saves them.  After a hold that did not pay, the
+    next 1, 2, 4 ... up to :attr:`MAX_SKIP` chances pass before another try, so
+    at low load about one request in a thousand waits.  Held batches compute on
+    the worker thread, so that the loop admits requests meanwhile.
     """
 
     PAYS_AT = 4  # fewer means a handful of callers, for whom the wait costs more than batching saves
@@ -219,8 +219,7 @@ class DynamicBatcher:
 
     async def _loop(self) -> None:
         while True:
-            held = self._hold.holding
-            batch = await self._next_batch(held)
+            batch, held = await self._next_batch()
             if not batch:
                 if self._closing and not self._queue:
                     return
@@ -237,11 +236,13 @@ class DynamicBatcher:
             return False
         return True
 
-    async def _next_batch(self, held: bool) -> list[_Pending]:
+    async def _next_batch(self) -> tuple[list[_Pending], bool]:
+        """The next batch, and whether it was held for more requests."""
         while not self._queue:
             if self._closing:
-                return []
+                return [], False
             await self._wait_for_arrival(None)
+        held = self._hold.holding  # decided by the arrivals, so read only once one has come
         delay = self._max_queue_delay_s or (self._hold.hold_s if held else 0.0)
         if delay > 0:
             fill_by = time.monotonic() + delay
@@ -251,7 +252,7 @@ class DynamicBatcher:
                     remaining = min(remaining, self._hold.pause_s)
                 if remaining <= 0 or not await self._wait_for_arrival(remaining):
                     break
-        return self._take_batch()
+        return self._take_batch(), held
 
     def _take_batch(self) -> list[_Pending]:
         """Pop queued requests that fit in one batch, dropping cancelled and expired ones."""
