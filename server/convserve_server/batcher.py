@@ -8,7 +8,11 @@ less than ``inline_budget_s`` (from the measured time per row) runs on the
 event-loop thread itself: for a few images on the CPU, handing the call to the
 worker thread and waking the loop again costs more than the model call.  Longer
 batches run on the worker thread, so the loop keeps admitting, queueing and
-refusing requests while the model computes.
+refusing requests while the model computes.  When a full batch is already
+queued while one computes, it is handed to the worker at once, so the model
+runs batches back to back instead of idling while the loop wakes to send the
+next (it could not grow anyway); a request whose deadline passes meanwhile is
+still dropped before compute.
 
 A request that finds the model idle, nothing queued, no queue delay set and
 its compute within the inline budget is run by its caller at once: waking the
@@ -104,7 +108,7 @@ class LoadAwareHold:
         self._skip_next = self._backoff
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending:
     rows: np.ndarray
     future: asyncio.Future[np.ndarray]
@@ -112,14 +116,30 @@ class _Pending:
     enqueued: float = field(default_factory=time.monotonic)
 
 
+@dataclass
+class _Run:
+    """What one model call did: the requests it computed (the others had expired) and when."""
+
+    live: list[_Pending]
+    outputs: list[np.ndarray]
+    started: float
+    seconds: float
+
+
 class DynamicBatcher:
-    """Batches calls of ``run_batch`` (rows in, rows out) across concurrent callers."""
+    """Batches calls of ``run_batch`` (rows in, rows out) across concurrent callers.
+
+    ``run_back_to_back``, if given, replaces ``run_batch`` for a batch that
+    was queued on the worker behind another: the server is then busy, and the
+    model may do better leaving a core to the loop (see ``OnnxModel.run_back_to_back``).
+    """
 
     def __init__(
         self,
         run_batch: Callable[[np.ndarray], np.ndarray],
         executor: Executor,
         *,
+        run_back_to_back: Callable[[np.ndarray], np.ndarray] | None = None,
         max_batch_size: int,
         max_queue_delay_s: float = 0.0,
         max_queue_size: int = 1024,
@@ -136,6 +156,7 @@ class DynamicBatcher:
         if inline_budget_s < 0:
             raise ValueError("inline_budget_s must be >= 0")
         self._run_batch = run_batch
+        self._run_back_to_back = run_back_to_back or run_batch
         self._executor = executor
         self._max_batch_size = max_batch_size
         self._max_queue_delay_s = max_queue_delay_s
@@ -145,10 +166,12 @@ class DynamicBatcher:
         self._observer = observer
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
-        self._computing = False  # a batch is running (inline or on the worker)
+        self._computing = 0  # batches taken and not yet answered (inline or on the worker)
+        self._arrivals = 0  # requests queued so far
         # With a fixed queue delay every batch waits anyway; the load-aware hold is for delay 0.
         self._hold = LoadAwareHold(0.0 if max_queue_delay_s > 0 else hold_under_load_s)
         self._arrived = asyncio.Event()
+        self._worker_wake = asyncio.Event()  # a worker batch finished, or a full batch is queued
         self._closing = False
         self._task: asyncio.Task[None] | None = None
 
@@ -187,7 +210,10 @@ class DynamicBatcher:
         pending = [_Pending(chunk, loop.create_future(), deadline) for chunk in chunks]
         self._queue.extend(pending)
         self._queued_rows += len(rows)
+        self._arrivals += 1
         self._arrived.set()
+        if self._queued_rows >= self._max_batch_size:
+            self._worker_wake.set()
         self._report_depth()
         if len(pending) == 1:
             return await pending[0].future
@@ -203,30 +229,54 @@ class DynamicBatcher:
         started = time.monotonic()
         if deadline is not None and started >= deadline:
             raise DeadlineExpired("deadline passed before compute")
-        output = self._run_rows([rows])[0]
-        self._finished(len(rows), [0.0], started)
+        output = self._run_rows([rows], self._run_batch)[0]
+        self._finished(len(rows), [0.0], time.monotonic() - started)
         return output
 
-    def _finished(self, rows: int, queue_seconds: list[float], started: float) -> None:
-        elapsed = time.monotonic() - started
-        self._learn_speed(rows, elapsed)
+    def _finished(self, rows: int, queue_seconds: list[float], seconds: float) -> None:
+        self._learn_speed(rows, seconds)
         if self._observer is not None:
-            self._observer.observe_batch(rows, queue_seconds, elapsed)
+            self._observer.observe_batch(rows, queue_seconds, seconds)
 
     def _report_depth(self) -> None:
         if self._observer is not None:
             self._observer.observe_queue_depth(len(self._queue))
 
     async def _loop(self) -> None:
+        on_worker: deque[asyncio.Task[None]] = deque()  # batches computing or waiting on the worker
         while True:
+            while on_worker and on_worker[0].done():
+                on_worker.popleft().result()  # re-raises if the task failed, so the batcher stops loudly
+            if on_worker and not (len(on_worker) == 1 and self._queued_rows >= self._max_batch_size):
+                # Let the next batch grow while this one computes; a full one goes behind it at once.
+                self._worker_wake.clear()
+                await self._worker_wake.wait()
+                continue
             batch, held = await self._next_batch()
             if not batch:
                 if self._closing and not self._queue:
+                    await asyncio.gather(*on_worker)
                     return
                 continue
-            await self._compute(batch, on_worker=held)
-            if held:
-                self._hold.judge(len(batch), arrived_meanwhile=bool(self._queue))
+            self._computing += 1
+            if not on_worker and not held and self._fits_inline(sum(len(item.rows) for item in batch)):
+                try:
+                    await self._compute(batch, on_worker=False)
+                finally:
+                    self._computing -= 1
+                continue
+            task = asyncio.get_running_loop().create_task(self._compute_on_worker(batch, held, bool(on_worker)))
+            task.add_done_callback(lambda _: self._worker_wake.set())
+            on_worker.append(task)
+
+    async def _compute_on_worker(self, batch: list[_Pending], held: bool, back_to_back: bool) -> None:
+        arrivals = self._arrivals
+        try:
+            await self._compute(batch, on_worker=True, back_to_back=back_to_back)
+        finally:
+            self._computing -= 1
+        if held:
+            self._hold.judge(len(batch), arrived_meanwhile=self._arrivals > arrivals)
 
     async def _wait_for_arrival(self, timeout: float | None) -> bool:
         self._arrived.clear()
@@ -272,32 +322,39 @@ class DynamicBatcher:
         self._report_depth()
         return batch
 
-    async def _compute(self, batch: list[_Pending], on_worker: bool = False) -> None:
-        parts = [item.rows for item in batch]
-        rows = sum(len(part) for part in parts)
-        started = time.monotonic()
+    async def _compute(self, batch: list[_Pending], *, on_worker: bool, back_to_back: bool = False) -> None:
+        """Run a batch and answer its callers; a failed batch is re-run request by request."""
         try:
-            outputs = await self._run_parts(parts, rows, on_worker)
+            if on_worker:
+                run = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._run_live, batch, back_to_back)
+            else:
+                run = self._run_live(batch, back_to_back)
         except Exception as exc:
             if len(batch) > 1:
                 # Find the culprit: run each request alone so one bad input fails only its caller.
                 for item in batch:
-                    await self._compute([item])
+                    await self._compute([item], on_worker=True)
                 return
             _settle(batch[0].future, exc=exc)
             return
-        self._finished(rows, [started - item.enqueued for item in batch], started)
-        for item, output in zip(batch, outputs):
+        if len(run.live) < len(batch):
+            for item in set(batch).difference(run.live):
+                _settle(item.future, exc=DeadlineExpired("deadline passed while queued"))
+        if run.live:
+            self._finished(sum(len(item.rows) for item in run.live),
+                           [run.started - item.enqueued for item in run.live], run.seconds)
+        for item, output in zip(run.live, run.outputs):
             _settle(item.future, result=output)
 
-    async def _run_parts(self, parts: list[np.ndarray], rows: int, on_worker: bool) -> list[np.ndarray]:
-        self._computing = True
-        try:
-            if not on_worker and self._fits_inline(rows):
-                return self._run_rows(parts)
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_rows, parts)
-        finally:
-            self._computing = False
+    def _run_live(self, batch: list[_Pending], back_to_back: bool) -> _Run:
+        """On the computing thread: run the requests whose deadline has not passed (a batch may have waited
+        behind another on the worker since it was taken)."""
+        started = time.monotonic()
+        live = [item for item in batch if item.deadline is None or started < item.deadline]
+        run_batch = self._run_back_to_back if back_to_back else self._run_batch
+        outputs = self._run_rows([item.rows for item in live], run_batch) if live else []
+        return _Run(live, outputs, started, time.monotonic() - started)
 
     def _fits_inline(self, rows: int) -> bool:
         if self._inline_budget_s <= 0 or self._seconds_per_row is None:
@@ -309,10 +366,11 @@ class DynamicBatcher:
         previous = self._seconds_per_row
         self._seconds_per_row = per_row if previous is None else 0.8 * previous + 0.2 * per_row
 
-    def _run_rows(self, parts: list[np.ndarray]) -> list[np.ndarray]:
+    @staticmethod
+    def _run_rows(parts: list[np.ndarray], run_batch: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
         """One model call for all parts, split back per part."""
         rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        output = self._run_batch(rows)
+        output = run_batch(rows)
         if len(output) != len(rows):
             raise RuntimeError(f"model returned {len(output)} rows for {len(rows)} inputs")
         if len(parts) == 1:

@@ -9,6 +9,7 @@ fallback as a startup error.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,12 +100,14 @@ class OnnxModel:
     def __init__(
         self, path: Path, session: ort.InferenceSession, card: ModelCard,
         small_batch_session: ort.InferenceSession | None = None, small_batch_rows: int = 0,
+        back_to_back_session: ort.InferenceSession | None = None,
     ) -> None:
         self.path = path
         self.card = card
         self._session = session
         self._small_batch_session = small_batch_session or session
         self._small_batch_rows = small_batch_rows
+        self._back_to_back_session = back_to_back_session or session
         self.provider: str = session.get_providers()[0]
         self._input_name = card.input_name
         self._output_names = [card.output_name]
@@ -119,6 +122,8 @@ class OnnxModel:
         On the CPU, batches of at most ``small_batch_rows`` images run in a second,
         single-threaded session: for a handful of images, handing work to the
         intra-op thread pool and waking its sleeping threads costs more than it saves.
+        Larger batches that run back to back (see :meth:`run_back_to_back`) get a
+        session with one intra-op thread fewer than ``intra_op_threads`` (or the cores).
         """
         if not path.is_file():
             raise StartupError(f"{path}: no such model file")
@@ -134,10 +139,20 @@ class OnnxModel:
         except ValueError as exc:
             raise StartupError(f"{path}: {exc}") from exc
         _check_signature(path, session, card)
-        small_batch_session = None
-        if small_batch_rows > 0 and intra_op_threads != 1 and session.get_providers()[0] == CPU:
-            small_batch_session = ort.InferenceSession(str(path), _session_options(1, 1), providers=[CPU])
-        model = cls(path, session, card, small_batch_session, small_batch_rows)
+        small_batch_session = back_to_back_session = None
+        if session.get_providers()[0] == CPU:
+            sessions = {intra_op_threads: session}  # by intra-op threads, so that equal ones are shared
+
+            def session_with(threads: int) -> ort.InferenceSession:
+                if threads not in sessions:
+                    options = _session_options(threads, inter_op_threads)
+                    sessions[threads] = ort.InferenceSession(str(path), options, providers=[CPU])
+                return sessions[threads]
+
+            if small_batch_rows > 0:
+                small_batch_session = session_with(1)
+            back_to_back_session = session_with(max(1, (intra_op_threads or _usable_cores()) - 1))
+        model = cls(path, session, card, small_batch_session, small_batch_rows, back_to_back_session)
         log.info("loaded %s (%s v%s, %d labels) on %s", path, card.model_name, card.model_version,
                  len(card.labels), model.provider)
         return model
@@ -158,11 +173,29 @@ class OnnxModel:
         session = self._small_batch_session if len(images) <= self._small_batch_rows else self._session
         return session.run(self._output_names, {self._input_name: images})[0]
 
+    def run_back_to_back(self, images: np.ndarray) -> np.ndarray:
+        """:meth:`run` for a batch that waited behind another: the server is busy.
+
+        The event loop is then receiving the next requests while the model computes,
+        and intra-op threads on every core would fight it for the CPU, and stall each
+        other at every operator's end whenever one of them loses; so on the CPU a batch
+        too large for the single-threaded session leaves one core to the loop.
+        """
+        session = self._small_batch_session if len(images) <= self._small_batch_rows else self._back_to_back_session
+        return session.run(self._output_names, {self._input_name: images})[0]
+
     def warm_up(self, max_batch_size: int) -> None:
         """Run batches of growing size so first requests pay no allocation or kernel-selection cost."""
         sizes = sorted({1, max_batch_size, *(2**i for i in range(1, max_batch_size.bit_length()) if 2**i < max_batch_size)})
         for size in sizes:
-            self.run(np.zeros((size, *self.input_shape), dtype=np.float32))
+            images = np.zeros((size, *self.input_shape), dtype=np.float32)
+            self.run(images)
+            if self._back_to_back_session is not self._session:
+                self.run_back_to_back(images)
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0))
 
 
 def _check_signature(path: Path, session: ort.InferenceSession, card: ModelCard) -> None:

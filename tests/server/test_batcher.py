@@ -107,12 +107,57 @@ async def test_full_queue_is_refused_at_once(executor):
     batcher.start()
     running = asyncio.ensure_future(batcher.submit(rows(0)))
     await wait_until(model.entered.is_set)
-    queued = [asyncio.ensure_future(batcher.submit(rows(i))) for i in (1, 2)]
+    behind = asyncio.ensure_future(batcher.submit(rows(1)))
+    await asyncio.sleep(0)  # let it queue
+    await wait_until(lambda: batcher.queue_depth == 0)  # a full batch: handed to the worker behind the first
+    queued = [asyncio.ensure_future(batcher.submit(rows(i))) for i in (2, 3)]
     await wait_until(lambda: batcher.queue_depth == 2)
     with pytest.raises(Overloaded):
-        await batcher.submit(rows(3))
+        await batcher.submit(rows(4))
     model.release.set()
-    assert [float(r[0, 0]) for r in await asyncio.gather(running, *queued)] == [0, 2, 4]
+    assert [float(r[0, 0]) for r in await asyncio.gather(running, behind, *queued)] == [0, 2, 4, 6]
+    await batcher.close()
+
+
+async def test_a_full_batch_queued_while_one_computes_runs_back_to_back_without_the_loop(executor):
+    model = GatedModel(hold=True)
+    back_to_back = GatedModel()
+    batcher = DynamicBatcher(model, executor, max_batch_size=2, run_back_to_back=back_to_back)
+    batcher.start()
+    first = asyncio.ensure_future(batcher.submit(rows(0, 1)))
+    await wait_until(model.entered.is_set)
+    partial = asyncio.ensure_future(batcher.submit(rows(2)))
+    await asyncio.sleep(0.01)
+    assert batcher.queue_depth == 1  # not full: it waits, so that it may still grow
+    rest = asyncio.ensure_future(batcher.submit(rows(3)))
+    await wait_until(lambda: batcher.queue_depth == 0)  # now full: handed to the worker behind the first
+    model.release.set()
+    # Block the event loop: only a batch already handed to the worker can start now.
+    assert back_to_back.entered.wait(timeout=5)
+    assert [r[:, 0].tolist() for r in await asyncio.gather(first, partial, rest)] == [[0, 2], [4], [6]]
+    assert [c[:, 0].tolist() for c in model.calls] == [[0, 1]]
+    assert [c[:, 0].tolist() for c in back_to_back.calls] == [[2, 3]]
+    await batcher.close()
+
+
+async def test_a_batch_waiting_behind_another_on_the_worker_still_drops_requests_past_their_deadline(executor):
+    model = GatedModel(hold=True)
+    batcher = DynamicBatcher(model, executor, max_batch_size=1)
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit(rows(0)))
+    await wait_until(model.entered.is_set)
+    deadline = time.monotonic() + 0.5
+    late = asyncio.ensure_future(batcher.submit(rows(1), deadline=deadline))
+    await asyncio.sleep(0)  # let it queue
+    assert batcher.queue_depth == 1
+    await wait_until(lambda: batcher.queue_depth == 0)  # taken, in time, behind the running batch
+    assert time.monotonic() < deadline
+    await wait_until(lambda: time.monotonic() > deadline)
+    model.release.set()
+    assert float((await running)[0, 0]) == 0
+    with pytest.raises(DeadlineExpired):
+        await late
+    assert [c[:, 0].tolist() for c in model.calls] == [[0]]
     await batcher.close()
 
 
