@@ -23,6 +23,7 @@ def test_bench_reports_both_targets_ratios_memory_and_a_plot(tiny_repo, tmp_path
         assert 0 < row["server_cpu_us_per_request"] < 1e6  # both servers were started by the tool: CPU is known
     served = [row for row in report["steps"] if row["target"] == "convserve"]
     assert all(1 <= row["mean_batch_size"] <= 64 for row in served)
+    assert all(row["onnxruntime_images_per_s"] > 0 for row in served)  # timed within the step's own rounds
     assert set(report["onnxruntime_images_per_s"]) == {"1", "8"}
     assert all("requests_per_s_vs_noop" in r and "images_per_s_vs_onnxruntime" in r for r in report["ratios"])
     memory = report["server_memory"]

@@ -2,13 +2,14 @@
 
 Ceilings, measured by this same tool in the same run:
   * a do-nothing Open Inference Protocol server (same gRPC stack, no model), for requests/s and latency;
-  * ONNX Runtime in this process at the same batch sizes, for images/s.
+  * ONNX Runtime in this process at the same batch sizes, for images/s, timed within each step's rounds.
 With ``--model-repository`` the tool starts ``convserve-serve`` itself and also reports its memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -18,7 +19,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grpc
 import numpy as np
@@ -87,7 +88,8 @@ def _model_shape(address: str, model: str) -> tuple[tuple[int, int, int], str]:
     return (int(height), int(width), int(channels)), metadata.name
 
 
-def onnxruntime_ceiling(model_path: Path, shape: tuple[int, int, int], batch: int, seconds: float, threads: int) -> float:
+def onnxruntime_ceiling(model_path: Path, shape: tuple[int, int, int], batch: int, seconds: float, *,
+                        threads: int) -> float:
     """Images/s of ONNX Runtime in this process, at one batch size."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -236,11 +238,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         rows: list[dict[str, Any]] = []
         memory: dict[str, float] = {}
+        ceilings: dict[str, list[float]] = {}
         bench_started = time.monotonic()
         for concurrency, images in steps:
             step = Step(concurrency, images, args.duration, args.warmup)
-            measured = _alternate(targets, pids, args.protocol, model, shape, step, args.rounds, args.processes,
-                                  metrics_port)
+            ceiling = None
+            if model_path is not None and not args.no_ceilings:
+                ceiling = functools.partial(onnxruntime_ceiling, model_path, shape, images, threads=0)
+            measured, in_process = _alternate(targets, pids, args.protocol, model, shape, step, args.rounds,
+                                              args.processes, metrics_port, ceiling)
+            if in_process is not None:
+                ceilings.setdefault(str(images), []).append(in_process)
+                print(f"{'onnxruntime':>16} c=-   b={images:<3} {in_process:9.0f} img/s (in process, same rounds)")
             for name in targets:
                 result, cpu_seconds, (batched_images, calls) = measured[name]
                 row = summarize(step, result)
@@ -254,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         memory.setdefault("rss_first_step_mb", rss)
                         memory["rss_last_step_mb"] = rss
                         memory["rss_peak_mb"] = max(memory.get("rss_peak_mb", 0.0), rss)
+                if name == "convserve" and in_process is not None:
+                    row["onnxruntime_images_per_s"] = in_process
                 rows.append(row)
                 cpu = row["server_cpu_us_per_request"]
                 print(f"{name:>16} c={concurrency:<3} b={images:<3} {row['requests_per_s']:9.0f} req/s "
@@ -264,13 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             concurrency = max(c for c, _ in steps)
             memory.update(memory_growth(address, args.protocol, model, shape, server_pid, concurrency,
                                         args.memory_seconds, args.processes))
-        ceilings = {}
-        if model_path is not None and not args.no_ceilings:
-            for images in sorted({images for _, images in steps}):
-                ceilings[str(images)] = onnxruntime_ceiling(model_path, shape, images, args.duration / 2, 0)
-                print(f"{'onnxruntime':>16} batch {images:<3} {ceilings[str(images)]:9.0f} img/s (in process)")
         report = {"machine": {"cpus": os.cpu_count(), "platform": sys.platform}, "steps": rows,
-                  "onnxruntime_images_per_s": ceilings, "server_memory": memory, "ratios": _ratios(rows, ceilings)}
+                  "onnxruntime_images_per_s": {images: float(np.mean(values)) for images, values in ceilings.items()},
+                  "server_memory": memory, "ratios": _ratios(rows)}
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
         _plot(rows, args.output / "bench.png")
@@ -286,13 +293,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _alternate(targets: dict[str, str], pids: dict[str, int | None], protocol: str, model: str,
-               shape: tuple[int, int, int], step: Step, rounds: int, processes: int,
-               metrics_port: int | None) -> dict[str, tuple[StepResult, float, tuple[float, float]]]:
-    """Load each target for ``step`` in ``rounds`` alternating slices.
+               shape: tuple[int, int, int], step: Step, rounds: int, processes: int, metrics_port: int | None,
+               ceiling: Callable[[float], float] | None = None,
+               ) -> tuple[dict[str, tuple[StepResult, float, tuple[float, float]]], float | None]:
+    """Load each target for ``step`` in ``rounds`` alternating slices, each round also timing ``ceiling``.
 
     Per target: the merged results, the server's CPU seconds while measured, and
-    (images, model calls) from its batch-size metric (zeros where it has none).
+    (images, model calls) from its batch-size metric (zeros where it has none);
+    then the ceiling's mean images/s over the rounds (half a slice each), or None.
     """
+    in_process: list[float] = []
     results = {name: StepResult() for name in targets}
     cpu_seconds = dict.fromkeys(targets, 0.0)
     batches = {name: [0.0, 0.0] for name in targets}
@@ -313,11 +323,14 @@ def _alternate(targets: dict[str, str], pids: dict[str, int | None], protocol: s
             after = _batch_totals(metrics_port) if served else (0.0, 0.0)
             batches[name][0] += after[0] - before[0]
             batches[name][1] += after[1] - before[1]
-    return {name: (results[name], cpu_seconds[name], (batches[name][0], batches[name][1])) for name in targets}
+        if ceiling is not None:
+            in_process.append(ceiling(part.duration_s / 2))
+    measured = {name: (results[name], cpu_seconds[name], (batches[name][0], batches[name][1])) for name in targets}
+    return measured, float(np.mean(in_process)) if in_process else None
 
 
-def _ratios(rows: list[dict[str, Any]], ceilings: dict[str, float]) -> list[dict[str, Any]]:
-    """convserve against the do-nothing server and ONNX Runtime, step by step."""
+def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """convserve against the do-nothing server and ONNX Runtime (timed in the same rounds), step by step."""
     by_step = {(r["target"], r["concurrency"], r["images_per_request"]): r for r in rows}
     ratios = []
     for (target, concurrency, images), row in by_step.items():
@@ -329,8 +342,8 @@ def _ratios(rows: list[dict[str, Any]], ceilings: dict[str, float]) -> list[dict
             entry["requests_per_s_vs_noop"] = row["requests_per_s"] / noop["requests_per_s"]
             entry["p50_vs_noop"] = row["p50_ms"] / noop["p50_ms"]
             entry["p99_vs_noop"] = row["p99_ms"] / noop["p99_ms"]
-        if str(images) in ceilings:
-            entry["images_per_s_vs_onnxruntime"] = row["images_per_s"] / ceilings[str(images)]
+        if row.get("onnxruntime_images_per_s"):
+            entry["images_per_s_vs_onnxruntime"] = row["images_per_s"] / row["onnxruntime_images_per_s"]
         ratios.append(entry)
     return ratios
 
