@@ -167,6 +167,7 @@ class DynamicBatcher:
         self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
         self._computing = 0  # batches taken and not yet answered (inline or on the worker)
+        self._on_worker = 0  # batches handed to the worker whose model call has not returned
         self._arrivals = 0  # requests queued so far
         # With a fixed queue delay every batch waits anyway; the load-aware hold is for delay 0.
         self._hold = LoadAwareHold(0.0 if max_queue_delay_s > 0 else hold_under_load_s)
@@ -243,11 +244,12 @@ class DynamicBatcher:
             self._observer.observe_queue_depth(len(self._queue))
 
     async def _loop(self) -> None:
-        on_worker: deque[asyncio.Task[None]] = deque()  # batches computing or waiting on the worker
+        tasks: set[asyncio.Task[None]] = set()  # batches handed to the worker and not yet answered
         while True:
-            while on_worker and on_worker[0].done():
-                on_worker.popleft().result()  # re-raises if the task failed, so the batcher stops loudly
-            if on_worker and not (len(on_worker) == 1 and self._queued_rows >= self._max_batch_size):
+            for task in [task for task in tasks if task.done()]:
+                tasks.discard(task)
+                task.result()  # re-raises a failure, so that the batcher stops loudly
+            if self._on_worker and not (self._on_worker == 1 and self._queued_rows >= self._max_batch_size):
                 # Let the next batch grow while this one computes; a full one goes behind it at once.
                 self._worker_wake.clear()
                 await self._worker_wake.wait()
@@ -255,24 +257,33 @@ class DynamicBatcher:
             batch, held = await self._next_batch()
             if not batch:
                 if self._closing and not self._queue:
-                    await asyncio.gather(*on_worker)
+                    await asyncio.gather(*tasks)
                     return
                 continue
             self._computing += 1
-            if not on_worker and not held and self._fits_inline(sum(len(item.rows) for item in batch)):
+            if not self._on_worker and not held and self._fits_inline(sum(len(item.rows) for item in batch)):
                 try:
                     await self._compute(batch, on_worker=False)
                 finally:
                     self._computing -= 1
                 continue
-            task = asyncio.get_running_loop().create_task(self._compute_on_worker(batch, held, bool(on_worker)))
-            task.add_done_callback(lambda _: self._worker_wake.set())
-            on_worker.append(task)
+            self._on_worker += 1
+            tasks.add(asyncio.get_running_loop().create_task(
+                self._compute_on_worker(batch, held, back_to_back=self._on_worker > 1)))
 
     async def _compute_on_worker(self, batch: list[_Pending], held: bool, back_to_back: bool) -> None:
         arrivals = self._arrivals
         try:
-            await self._compute(batch, on_worker=True, back_to_back=back_to_back)
+            try:
+                run: _Run | Exception = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._run_live, batch, back_to_back)
+            except Exception as exc:
+                run = exc
+            finally:
+                # Wake the loop before answering: it takes the next batch before the replies go out.
+                self._on_worker -= 1
+                self._worker_wake.set()
+            await self._answer(batch, run)
         finally:
             self._computing -= 1
         if held:
@@ -322,21 +333,27 @@ class DynamicBatcher:
         self._report_depth()
         return batch
 
-    async def _compute(self, batch: list[_Pending], *, on_worker: bool, back_to_back: bool = False) -> None:
-        """Run a batch and answer its callers; a failed batch is re-run request by request."""
+    async def _compute(self, batch: list[_Pending], *, on_worker: bool) -> None:
+        """Run a batch, on the loop's thread or the worker's, and answer its callers."""
         try:
             if on_worker:
-                run = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._run_live, batch, back_to_back)
+                run: _Run | Exception = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self._run_live, batch, False)
             else:
-                run = self._run_live(batch, back_to_back)
+                run = self._run_live(batch, False)
         except Exception as exc:
+            run = exc
+        await self._answer(batch, run)
+
+    async def _answer(self, batch: list[_Pending], run: _Run | Exception) -> None:
+        """Settle each caller's future; a failed batch is re-run request by request."""
+        if isinstance(run, Exception):
             if len(batch) > 1:
                 # Find the culprit: run each request alone so one bad input fails only its caller.
                 for item in batch:
                     await self._compute([item], on_worker=True)
-                return
-            _settle(batch[0].future, exc=exc)
+            else:
+                _settle(batch[0].future, exc=run)
             return
         if len(run.live) < len(batch):
             for item in set(batch).difference(run.live):
