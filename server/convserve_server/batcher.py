@@ -129,9 +129,10 @@ class _Run:
 class DynamicBatcher:
     """Batches calls of ``run_batch`` (rows in, rows out) across concurrent callers.
 
-    ``run_back_to_back``, if given, replaces ``run_batch`` for a batch that
-    was queued on the worker behind another: the server is then busy, and the
-    model may do better leaving a core to the loop (see ``OnnxModel.run_back_to_back``).
+    ``run_under_load``, if given, replaces ``run_batch`` for a batch run while
+    the server is busy (one queued on the worker behind another, or held to
+    gather requests under load): the model may then do better leaving a core to
+    the loop (see ``OnnxModel.run_under_load``).
     """
 
     def __init__(
@@ -139,7 +140,7 @@ class DynamicBatcher:
         run_batch: Callable[[np.ndarray], np.ndarray],
         executor: Executor,
         *,
-        run_back_to_back: Callable[[np.ndarray], np.ndarray] | None = None,
+        run_under_load: Callable[[np.ndarray], np.ndarray] | None = None,
         max_batch_size: int,
         max_queue_delay_s: float = 0.0,
         max_queue_size: int = 1024,
@@ -156,7 +157,7 @@ class DynamicBatcher:
         if inline_budget_s < 0:
             raise ValueError("inline_budget_s must be >= 0")
         self._run_batch = run_batch
-        self._run_back_to_back = run_back_to_back or run_batch
+        self._run_under_load = run_under_load or run_batch
         self._executor = executor
         self._max_batch_size = max_batch_size
         self._max_queue_delay_s = max_queue_delay_s
@@ -269,14 +270,14 @@ class DynamicBatcher:
                 continue
             self._on_worker += 1
             tasks.add(asyncio.get_running_loop().create_task(
-                self._compute_on_worker(batch, held, back_to_back=self._on_worker > 1)))
+                self._compute_on_worker(batch, held, under_load=held or self._on_worker > 1)))
 
-    async def _compute_on_worker(self, batch: list[_Pending], held: bool, back_to_back: bool) -> None:
+    async def _compute_on_worker(self, batch: list[_Pending], held: bool, under_load: bool) -> None:
         arrivals = self._arrivals
         try:
             try:
                 run: _Run | Exception = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._run_live, batch, back_to_back)
+                    self._executor, self._run_live, batch, under_load)
             except Exception as exc:
                 run = exc
             finally:
@@ -364,12 +365,12 @@ class DynamicBatcher:
         for item, output in zip(run.live, run.outputs):
             _settle(item.future, result=output)
 
-    def _run_live(self, batch: list[_Pending], back_to_back: bool) -> _Run:
+    def _run_live(self, batch: list[_Pending], under_load: bool) -> _Run:
         """On the computing thread: run the requests whose deadline has not passed (a batch may have waited
         behind another on the worker since it was taken)."""
         started = time.monotonic()
         live = [item for item in batch if item.deadline is None or started < item.deadline]
-        run_batch = self._run_back_to_back if back_to_back else self._run_batch
+        run_batch = self._run_under_load if under_load else self._run_batch
         outputs = self._run_rows([item.rows for item in live], run_batch) if live else []
         return _Run(live, outputs, started, time.monotonic() - started)
 

@@ -38,7 +38,7 @@ class ServedVersion:
         self.batcher = DynamicBatcher(
             model.run,
             self._executor,
-            run_back_to_back=model.run_back_to_back,
+            run_under_load=model.run_under_load,
             max_batch_size=config.max_batch_size,
             max_queue_delay_s=config.max_queue_delay_s,
             max_queue_size=config.max_queue_size,

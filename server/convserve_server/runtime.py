@@ -100,14 +100,14 @@ class OnnxModel:
     def __init__(
         self, path: Path, session: ort.InferenceSession, card: ModelCard,
         small_batch_session: ort.InferenceSession | None = None, small_batch_rows: int = 0,
-        back_to_back_session: ort.InferenceSession | None = None,
+        under_load_session: ort.InferenceSession | None = None,
     ) -> None:
         self.path = path
         self.card = card
         self._session = session
         self._small_batch_session = small_batch_session or session
         self._small_batch_rows = small_batch_rows
-        self._back_to_back_session = back_to_back_session or session
+        self._under_load_session = under_load_session or session
         self.provider: str = session.get_providers()[0]
         self._input_name = card.input_name
         self._output_names = [card.output_name]
@@ -122,8 +122,8 @@ class OnnxModel:
         On the CPU, batches of at most ``small_batch_rows`` images run in a second,
         single-threaded session: for a handful of images, handing work to the
         intra-op thread pool and waking its sleeping threads costs more than it saves.
-        Larger batches that run back to back (see :meth:`run_back_to_back`) get a
-        session with one intra-op thread fewer than ``intra_op_threads`` (or the cores).
+        Larger batches run while the server is busy (see :meth:`run_under_load`) get
+        a session with one intra-op thread fewer than ``intra_op_threads`` (or the cores).
         """
         if not path.is_file():
             raise StartupError(f"{path}: no such model file")
@@ -139,7 +139,7 @@ class OnnxModel:
         except ValueError as exc:
             raise StartupError(f"{path}: {exc}") from exc
         _check_signature(path, session, card)
-        small_batch_session = back_to_back_session = None
+        small_batch_session = under_load_session = None
         if session.get_providers()[0] == CPU:
             sessions = {intra_op_threads: session}  # by intra-op threads, so that equal ones are shared
 
@@ -151,8 +151,8 @@ class OnnxModel:
 
             if small_batch_rows > 0:
                 small_batch_session = session_with(1)
-            back_to_back_session = session_with(max(1, (intra_op_threads or _usable_cores()) - 1))
-        model = cls(path, session, card, small_batch_session, small_batch_rows, back_to_back_session)
+            under_load_session = session_with(max(1, (intra_op_threads or _usable_cores()) - 1))
+        model = cls(path, session, card, small_batch_session, small_batch_rows, under_load_session)
         log.info("loaded %s (%s v%s, %d labels) on %s", path, card.model_name, card.model_version,
                  len(card.labels), model.provider)
         return model
@@ -173,15 +173,15 @@ class OnnxModel:
         session = self._small_batch_session if len(images) <= self._small_batch_rows else self._session
         return session.run(self._output_names, {self._input_name: images})[0]
 
-    def run_back_to_back(self, images: np.ndarray) -> np.ndarray:
-        """:meth:`run` for a batch that waited behind another: the server is busy.
+    def run_under_load(self, images: np.ndarray) -> np.ndarray:
+        """:meth:`run` for a batch run while the server is busy (the batcher says when).
 
         The event loop is then receiving the next requests while the model computes,
         and intra-op threads on every core would fight it for the CPU, and stall each
         other at every operator's end whenever one of them loses; so on the CPU a batch
         too large for the single-threaded session leaves one core to the loop.
         """
-        session = self._small_batch_session if len(images) <= self._small_batch_rows else self._back_to_back_session
+        session = self._small_batch_session if len(images) <= self._small_batch_rows else self._under_load_session
         return session.run(self._output_names, {self._input_name: images})[0]
 
     def warm_up(self, max_batch_size: int) -> None:
@@ -190,8 +190,8 @@ class OnnxModel:
         for size in sizes:
             images = np.zeros((size, *self.input_shape), dtype=np.float32)
             self.run(images)
-            if self._back_to_back_session is not self._session:
-                self.run_back_to_back(images)
+            if self._under_load_session is not self._session:
+                self.run_under_load(images)
 
 
 def _usable_cores() -> int:

@@ -122,7 +122,7 @@ async def test_full_queue_is_refused_at_once(executor):
 async def test_a_full_batch_queued_while_one_computes_runs_back_to_back_without_the_loop(executor):
     model = GatedModel(hold=True)
     back_to_back = GatedModel()
-    batcher = DynamicBatcher(model, executor, max_batch_size=2, run_back_to_back=back_to_back)
+    batcher = DynamicBatcher(model, executor, max_batch_size=2, run_under_load=back_to_back)
     batcher.start()
     first = asyncio.ensure_future(batcher.submit(rows(0, 1)))
     await wait_until(model.entered.is_set)
@@ -346,19 +346,26 @@ def test_load_aware_hold_is_tried_only_on_quick_arrivals_kept_while_it_pays_and_
 
 async def test_hold_batches_a_stream_of_requests_on_the_worker_but_a_lone_caller_never_waits(executor):
     calls: list[tuple[int, bool]] = []
+    under_load: list[int] = []
 
     def model(batch: np.ndarray) -> np.ndarray:
         calls.append((len(batch), threading.current_thread() is threading.main_thread()))
         time.sleep(0.003)  # long enough for more requests to arrive while it computes
         return batch * 2
 
-    batcher = DynamicBatcher(model, executor, max_batch_size=64, inline_budget_s=0.5, hold_under_load_s=0.02)
+    def model_under_load(batch: np.ndarray) -> np.ndarray:
+        under_load.append(len(batch))
+        return model(batch)
+
+    batcher = DynamicBatcher(model, executor, max_batch_size=64, inline_budget_s=0.5, hold_under_load_s=0.02,
+                             run_under_load=model_under_load)
     batcher.start()
     started = time.monotonic()
     for value in range(5):  # one caller, a request every 30 ms: never held
         await asyncio.sleep(0.03)
         np.testing.assert_array_equal(await batcher.submit(rows(value)), rows(2 * value))
     assert [size for size, _ in calls] == [1] * 5 and all(on_loop for _, on_loop in calls[1:])
+    assert under_load == []
     assert time.monotonic() - started < 0.15 + 0.1
 
     async def one(value: int) -> None:
@@ -373,4 +380,5 @@ async def test_hold_batches_a_stream_of_requests_on_the_worker_but_a_lone_caller
     held = [size for size, on_loop in calls if not on_loop]
     assert sum(size for size, _ in calls) == 120
     assert sum(held) >= 90 and max(held) >= LoadAwareHold.PAYS_AT  # the hold paid, so it stayed on
+    assert under_load == held  # held batches are run as under load
     await batcher.close()

@@ -23,16 +23,16 @@ def test_no_second_session_when_one_thread_is_asked_for_anyway(tiny_repo):
     assert model._small_batch_session is model._session
 
 
-def test_batches_run_back_to_back_leave_one_core_to_the_loop_with_the_same_results(tiny_repo):
+def test_batches_run_under_load_leave_one_core_to_the_loop_with_the_same_results(tiny_repo):
     path = tiny_repo / "tiny/1/model.onnx"
     model = OnnxModel.load(path, DeviceRequest("cpu"), intra_op_threads=3, small_batch_rows=4)
     threads = {name: getattr(model, name).get_session_options().intra_op_num_threads
-               for name in ("_session", "_back_to_back_session", "_small_batch_session")}
-    assert threads == {"_session": 3, "_back_to_back_session": 2, "_small_batch_session": 1}
+               for name in ("_session", "_under_load_session", "_small_batch_session")}
+    assert threads == {"_session": 3, "_under_load_session": 2, "_small_batch_session": 1}
     batch = np.random.default_rng(2).random((8, *model.input_shape), dtype=np.float32)
-    np.testing.assert_allclose(model.run_back_to_back(batch), model.run(batch), atol=1e-6)
+    np.testing.assert_allclose(model.run_under_load(batch), model.run(batch), atol=1e-6)
 
 
-def test_on_two_threads_batches_run_back_to_back_share_the_single_threaded_session(tiny_repo):
+def test_on_two_threads_batches_run_under_load_share_the_single_threaded_session(tiny_repo):
     model = OnnxModel.load(tiny_repo / "tiny/1/model.onnx", DeviceRequest("cpu"), intra_op_threads=2, small_batch_rows=4)
-    assert model._back_to_back_session is model._small_batch_session
+    assert model._under_load_session is model._small_batch_session
