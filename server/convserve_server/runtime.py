@@ -195,7 +195,19 @@ class OnnxModel:
 
 
 def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0))
+    """Physical cores this process may run on, as ONNX Runtime counts them for its default thread pool.
+
+    Hyperthread siblings share one core; where the topology is unreadable, every CPU counts.
+    """
+    cpus = os.sched_getaffinity(0)
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:
+            return len(cpus)
+    return len(cores)
 
 
 def _check_signature(path: Path, session: ort.InferenceSession, card: ModelCard) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from convserve_server.runtime import DeviceRequest, OnnxModel
+from convserve_server.runtime import DeviceRequest, OnnxModel, _usable_cores
 
 
 def test_small_batches_use_a_single_threaded_session_with_the_same_results(tiny_repo):
@@ -36,3 +38,10 @@ def test_batches_run_under_load_leave_one_core_to_the_loop_with_the_same_results
 def test_on_two_threads_batches_run_under_load_share_the_single_threaded_session(tiny_repo):
     model = OnnxModel.load(tiny_repo / "tiny/1/model.onnx", DeviceRequest("cpu"), intra_op_threads=2, small_batch_rows=4)
     assert model._under_load_session is model._small_batch_session
+
+
+def test_by_default_batches_under_load_get_one_thread_fewer_than_the_physical_cores(tiny_repo):
+    cores = _usable_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    model = OnnxModel.load(tiny_repo / "tiny/1/model.onnx", DeviceRequest("cpu"), small_batch_rows=0)
+    assert model._under_load_session.get_session_options().intra_op_num_threads == max(1, cores - 1)
