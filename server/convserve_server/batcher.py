@@ -261,8 +261,10 @@ class DynamicBatcher:
                     await asyncio.gather(*tasks)
                     return
                 continue
+            # Inline only when nothing else computes: not even a failed batch's culprit search on the worker.
+            inline = not self._computing and not held and self._fits_inline(sum(len(item.rows) for item in batch))
             self._computing += 1
-            if not self._on_worker and not held and self._fits_inline(sum(len(item.rows) for item in batch)):
+            if inline:
                 try:
                     await self._compute(batch, on_worker=False)
                 finally:
