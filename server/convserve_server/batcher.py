@@ -266,7 +266,7 @@ class DynamicBatcher:
             self._computing += 1
             if inline:
                 try:
-                    await self._compute(batch, on_worker=False)
+                    await self._answer(batch, self._run_here(batch))
                 finally:
                     self._computing -= 1
                 continue
@@ -278,10 +278,7 @@ class DynamicBatcher:
         arrivals = self._arrivals
         try:
             try:
-                run: _Run | Exception = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._run_live, batch, under_load)
-            except Exception as exc:
-                run = exc
+                run = await self._run_on_worker(batch, under_load)
             finally:
                 # Wake the loop before answering: it takes the next batch before the replies go out.
                 self._on_worker -= 1
@@ -336,17 +333,19 @@ class DynamicBatcher:
         self._report_depth()
         return batch
 
-    async def _compute(self, batch: list[_Pending], *, on_worker: bool) -> None:
-        """Run a batch, on the loop's thread or the worker's, and answer its callers."""
+    def _run_here(self, batch: list[_Pending]) -> _Run | Exception:
+        """Run a batch on the loop's thread; a failure is returned, for :meth:`_answer`."""
         try:
-            if on_worker:
-                run: _Run | Exception = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self._run_live, batch, False)
-            else:
-                run = self._run_live(batch, False)
+            return self._run_live(batch, under_load=False)
         except Exception as exc:
-            run = exc
-        await self._answer(batch, run)
+            return exc
+
+    async def _run_on_worker(self, batch: list[_Pending], under_load: bool) -> _Run | Exception:
+        """Run a batch on the worker thread; a failure is returned, for :meth:`_answer`."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_live, batch, under_load)
+        except Exception as exc:
+            return exc
 
     async def _answer(self, batch: list[_Pending], run: _Run | Exception) -> None:
         """Settle each caller's future; a failed batch is re-run request by request."""
@@ -354,7 +353,7 @@ class DynamicBatcher:
             if len(batch) > 1:
                 # Find the culprit: run each request alone so one bad input fails only its caller.
                 for item in batch:
-                    await self._compute([item], on_worker=True)
+                    await self._answer([item], await self._run_on_worker([item], under_load=False))
             else:
                 _settle(batch[0].future, exc=run)
             return

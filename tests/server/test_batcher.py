@@ -51,6 +51,16 @@ async def wait_until(predicate, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.001)
 
 
+async def busy_batcher(executor, first: np.ndarray, **settings) -> tuple[GatedModel, DynamicBatcher, asyncio.Future]:
+    """A started batcher whose model is computing ``first`` and held there until ``model.release`` is set."""
+    model = GatedModel(hold=True)
+    batcher = DynamicBatcher(model, executor, **settings)
+    batcher.start()
+    running = asyncio.ensure_future(batcher.submit(first))
+    await wait_until(model.entered.is_set)
+    return model, batcher, running
+
+
 async def test_lone_request_runs_at_once_without_waiting(executor):
     model = GatedModel()
     batcher = DynamicBatcher(model, executor, max_batch_size=8)
@@ -62,11 +72,7 @@ async def test_lone_request_runs_at_once_without_waiting(executor):
 
 
 async def test_requests_queued_while_model_busy_form_one_batch_in_order(executor):
-    model = GatedModel(hold=True)
-    batcher = DynamicBatcher(model, executor, max_batch_size=64)
-    batcher.start()
-    first = asyncio.ensure_future(batcher.submit(rows(0)))
-    await wait_until(model.entered.is_set)
+    model, batcher, first = await busy_batcher(executor, rows(0), max_batch_size=64)
     others = [asyncio.ensure_future(batcher.submit(rows(i, i + 0.5))) for i in range(1, 6)]
     await wait_until(lambda: batcher.queue_depth == 5)
     model.release.set()
@@ -102,11 +108,7 @@ async def test_queue_delay_lets_a_batch_fill(executor):
 
 
 async def test_full_queue_is_refused_at_once(executor):
-    model = GatedModel(hold=True)
-    batcher = DynamicBatcher(model, executor, max_batch_size=1, max_queue_size=2)
-    batcher.start()
-    running = asyncio.ensure_future(batcher.submit(rows(0)))
-    await wait_until(model.entered.is_set)
+    model, batcher, running = await busy_batcher(executor, rows(0), max_batch_size=1, max_queue_size=2)
     behind = asyncio.ensure_future(batcher.submit(rows(1)))
     await asyncio.sleep(0)  # let it queue
     await wait_until(lambda: batcher.queue_depth == 0)  # a full batch: handed to the worker behind the first
@@ -120,12 +122,8 @@ async def test_full_queue_is_refused_at_once(executor):
 
 
 async def test_a_full_batch_queued_while_one_computes_runs_back_to_back_without_the_loop(executor):
-    model = GatedModel(hold=True)
     back_to_back = GatedModel()
-    batcher = DynamicBatcher(model, executor, max_batch_size=2, run_under_load=back_to_back)
-    batcher.start()
-    first = asyncio.ensure_future(batcher.submit(rows(0, 1)))
-    await wait_until(model.entered.is_set)
+    model, batcher, first = await busy_batcher(executor, rows(0, 1), max_batch_size=2, run_under_load=back_to_back)
     partial = asyncio.ensure_future(batcher.submit(rows(2)))
     await asyncio.sleep(0.01)
     assert batcher.queue_depth == 1  # not full: it waits, so that it may still grow
@@ -141,11 +139,7 @@ async def test_a_full_batch_queued_while_one_computes_runs_back_to_back_without_
 
 
 async def test_a_batch_waiting_behind_another_on_the_worker_still_drops_requests_past_their_deadline(executor):
-    model = GatedModel(hold=True)
-    batcher = DynamicBatcher(model, executor, max_batch_size=1)
-    batcher.start()
-    running = asyncio.ensure_future(batcher.submit(rows(0)))
-    await wait_until(model.entered.is_set)
+    model, batcher, running = await busy_batcher(executor, rows(0), max_batch_size=1)
     deadline = time.monotonic() + 0.5
     late = asyncio.ensure_future(batcher.submit(rows(1), deadline=deadline))
     await asyncio.sleep(0)  # let it queue
@@ -162,11 +156,7 @@ async def test_a_batch_waiting_behind_another_on_the_worker_still_drops_requests
 
 
 async def test_expired_and_cancelled_requests_are_dropped_before_compute(executor):
-    model = GatedModel(hold=True)
-    batcher = DynamicBatcher(model, executor, max_batch_size=8)
-    batcher.start()
-    running = asyncio.ensure_future(batcher.submit(rows(0)))
-    await wait_until(model.entered.is_set)
+    model, batcher, running = await busy_batcher(executor, rows(0), max_batch_size=8)
     expired = asyncio.ensure_future(batcher.submit(rows(100), deadline=time.monotonic() - 1))
     cancelled = asyncio.ensure_future(batcher.submit(rows(200)))
     kept = asyncio.ensure_future(batcher.submit(rows(300)))
@@ -183,11 +173,7 @@ async def test_expired_and_cancelled_requests_are_dropped_before_compute(executo
 
 
 async def test_one_bad_request_does_not_fail_its_batch_mates(executor):
-    model = GatedModel(hold=True)
-    batcher = DynamicBatcher(model, executor, max_batch_size=8)
-    batcher.start()
-    running = asyncio.ensure_future(batcher.submit(rows(0)))
-    await wait_until(model.entered.is_set)
+    model, batcher, running = await busy_batcher(executor, rows(0), max_batch_size=8)
     good = asyncio.ensure_future(batcher.submit(rows(1)))
     bad = asyncio.ensure_future(batcher.submit(rows(float("nan"))))
     also_good = asyncio.ensure_future(batcher.submit(rows(3)))
