@@ -11,8 +11,8 @@ batches run on the worker thread, so the loop keeps admitting, queueing and
 refusing requests while the model computes.  When a full batch is already
 queued while one computes, it is handed to the worker at once, so the model
 runs batches back to back instead of idling while the loop wakes to send the
-next (it could not grow anyway); a request whose deadline passes meanwhile is
-still dropped before compute.
+next (it could not grow anyway); a request whose deadline passes or whose
+caller gives up meanwhile is still dropped before compute.
 
 A request that finds the model idle, nothing queued, no queue delay set and
 its compute within the inline budget is run by its caller at once: waking the
@@ -367,10 +367,13 @@ class DynamicBatcher:
             _settle(item.future, result=output)
 
     def _run_live(self, batch: list[_Pending], under_load: bool) -> _Run:
-        """On the computing thread: run the requests whose deadline has not passed (a batch may have waited
-        behind another on the worker since it was taken)."""
+        """On the computing thread: run the requests still awaited whose deadline has not passed (a batch
+        may have waited behind another on the worker since it was taken)."""
         started = time.monotonic()
-        live = [item for item in batch if item.deadline is None or started < item.deadline]
+        # Reading a future's state from the worker thread is safe (a read under the GIL); at worst it sees a
+        # cancellation a moment late, and the request is computed and its answer discarded.
+        live = [item for item in batch
+                if not item.future.done() and (item.deadline is None or started < item.deadline)]
         run_batch = self._run_under_load if under_load else self._run_batch
         outputs = self._run_rows([item.rows for item in live], run_batch) if live else []
         return _Run(live, outputs, started, time.monotonic() - started)

@@ -155,6 +155,22 @@ async def test_a_batch_waiting_behind_another_on_the_worker_still_drops_requests
     await batcher.close()
 
 
+async def test_a_batch_waiting_behind_another_on_the_worker_drops_requests_whose_callers_gave_up(executor):
+    model, batcher, running = await busy_batcher(executor, rows(0), max_batch_size=1)
+    abandoned = asyncio.ensure_future(batcher.submit(rows(1)))
+    await asyncio.sleep(0)  # let it queue
+    await wait_until(lambda: batcher.queue_depth == 0)  # taken behind the running batch
+    abandoned.cancel()
+    await asyncio.sleep(0)
+    model.release.set()
+    assert float((await running)[0, 0]) == 0
+    assert abandoned.cancelled()
+    kept = await batcher.submit(rows(2))  # the batcher carries on
+    assert float(kept[0, 0]) == 4
+    assert [c[:, 0].tolist() for c in model.calls] == [[0], [2]]
+    await batcher.close()
+
+
 async def test_expired_and_cancelled_requests_are_dropped_before_compute(executor):
     model, batcher, running = await busy_batcher(executor, rows(0), max_batch_size=8)
     expired = asyncio.ensure_future(batcher.submit(rows(100), deadline=time.monotonic() - 1))
