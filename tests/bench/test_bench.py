@@ -9,14 +9,14 @@ import pytest
 from convserve_server.bench.cli import main, parse_steps
 
 
-def test_bench_reports_both_targets_ratios_memory_and_a_plot(tiny_repo, tmp_path):
+def test_bench_reports_both_targets_ratios_memory_a_plot_and_markdown(tiny_repo, tmp_path):
     output = tmp_path / "results"
-    status = main(["--model-repository", str(tiny_repo), "--steps", "1x1,4x8", "--duration", "0.6", "--warmup", "0.2",
+    status = main(["--model-repository", str(tiny_repo), "--steps", "1x1,2x1,4x8", "--duration", "0.6", "--warmup", "0.2",
                    "--rounds", "2", "--memory-seconds", "1", "--output", str(output)])
     assert status == 0
     report = json.loads((output / "bench.json").read_text())
     targets = {(row["target"], row["concurrency"], row["images_per_request"]) for row in report["steps"]}
-    assert targets == {(t, c, i) for t in ("convserve", "do-nothing gRPC") for c, i in ((1, 1), (4, 8))}
+    assert targets == {(t, c, i) for t in ("convserve", "do-nothing gRPC") for c, i in ((1, 1), (2, 1), (4, 8))}
     for row in report["steps"]:
         assert row["requests"] > 0 and row["errors"] == {}
         assert row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
@@ -30,6 +30,10 @@ def test_bench_reports_both_targets_ratios_memory_and_a_plot(tiny_repo, tmp_path
     assert memory["memory_run_requests"] > 0 and memory["memory_run_errors"] == 0
     assert 0 < memory["rss_before_mb"] < 1000
     assert (output / "bench.png").read_bytes().startswith(b"\x89PNG")
+    summary = (output / "bench.md").read_text()
+    assert sum(line.startswith("| 1 × 1 |") for line in summary.splitlines()) == 2  # both servers
+    assert "| server memory growth over 1 s |" in summary
+    assert summary.count("xychart-beta") == 2  # requests/s and p99 for the single-image levels
 
 
 def test_bad_steps_are_a_one_line_error(tiny_repo, capsys):

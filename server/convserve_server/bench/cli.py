@@ -28,6 +28,7 @@ import onnxruntime as ort
 from convserve_client.protos import grpc_predict_v2_pb2 as pb
 from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server.bench.loadgen import Step, StepResult, run_step, summarize
+from convserve_server.bench.report import describe_machine, markdown, write_plot
 from convserve_server.repository import scan_repository
 
 _PROG = "convserve-bench"
@@ -161,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory-seconds", type=float, default=60.0,
                         help="with --model-repository: then load it this long at the largest concurrency and "
                         "report resident-memory growth (0 skips; default %(default)s)")
-    parser.add_argument("--output", type=Path, default=Path("bench-results"), help="folder for JSON and PNG")
+    parser.add_argument("--output", type=Path, default=Path("bench-results"),
+                        help="folder for the JSON, the PNG plot and the Markdown report")
     return parser
 
 
@@ -170,33 +172,8 @@ def _start(args: list[str]) -> subprocess.Popen[bytes]:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def _plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (throughput, tail) = plt.subplots(1, 2, figsize=(11, 4))
-    for target in sorted({row["target"] for row in rows}):
-        for images in sorted({row["images_per_request"] for row in rows}):
-            points = sorted((r["concurrency"], r["images_per_s"], r["p99_ms"]) for r in rows
-                            if r["target"] == target and r["images_per_request"] == images)
-            if points:
-                label = f"{target}, {images} img/req"
-                throughput.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-                tail.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=label)
-    for axis, ylabel in ((throughput, "images/s"), (tail, "p99 latency (ms)")):
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("concurrency")
-        axis.set_ylabel(ylabel)
-        axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark; prints a table and writes JSON and PNG."""
+    """Run the benchmark; prints a table and writes JSON, a PNG plot and a Markdown report."""
     args = build_parser().parse_args(argv)
     try:
         steps = parse_steps(args.steps)
@@ -275,15 +252,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             concurrency = max(c for c, _ in steps)
             memory.update(memory_growth(address, args.protocol, model, shape, server_pid, concurrency,
                                         args.memory_seconds, args.processes))
-        report = {"machine": {"cpus": os.cpu_count(), "platform": sys.platform}, "steps": rows,
+        report = {"machine": describe_machine(), "steps": rows,
                   "onnxruntime_images_per_s": {images: float(np.mean(values)) for images, values in ceilings.items()},
                   "server_memory": memory, "ratios": _ratios(rows)}
         args.output.mkdir(parents=True, exist_ok=True)
         (args.output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-        _plot(rows, args.output / "bench.png")
-        print(json.dumps(report["ratios"], indent=2))
-        print(json.dumps(memory, indent=2))
-        print(f"wrote {args.output / 'bench.json'} and {args.output / 'bench.png'}")
+        write_plot(rows, args.output / "bench.png")
+        summary = markdown(report)
+        (args.output / "bench.md").write_text(summary)
+        print(summary)
+        print(f"wrote {args.output / 'bench.json'}, {args.output / 'bench.png'} and {args.output / 'bench.md'}")
         return 0
     finally:
         for child in children:

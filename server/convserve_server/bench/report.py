@@ -1,0 +1,179 @@
+"""What ``convserve-bench`` writes besides its JSON: a PNG plot, and a Markdown report for the README.
+
+The Markdown report holds the results table, the issue's targets marked met or
+missed, and the plot again as Mermaid charts, which GitHub draws from text, so
+the README can carry the figures of a run without a generated image in the repository.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+NOOP = "do-nothing gRPC"
+SERVED = "convserve"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One performance target: a ratio of one step, and the bound it must stay within."""
+
+    what: str
+    concurrency: int
+    images_per_request: int
+    ratio: str  # key in the report's ratios
+    bound: float
+    at_least: bool  # True: ratio >= bound; False: ratio <= bound
+
+    def met(self, value: float) -> bool:
+        """Whether ``value`` of :attr:`ratio` meets the target."""
+        return value >= self.bound if self.at_least else value <= self.bound
+
+
+TARGETS = (
+    Target("requests/s vs the do-nothing server", 32, 1, "requests_per_s_vs_noop", 0.75, True),
+    Target("p99 vs the do-nothing server", 32, 1, "p99_vs_noop", 1.5, False),
+    Target("p50 vs the do-nothing server", 1, 1, "p50_vs_noop", 1.3, False),
+    Target("images/s vs ONNX Runtime in-process", 8, 64, "images_per_s_vs_onnxruntime", 0.5, True),
+)
+MEMORY_LIMIT_MB = 400.0
+MEMORY_GROWTH_LIMIT_PERCENT = 5.0
+
+
+def describe_machine() -> dict[str, Any]:
+    """The machine and software a run came from, for the report."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("onnxruntime", "onnxruntime-gpu", "grpcio", "numpy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return {"cpus": os.cpu_count(), "cpu_model": cpu, "platform": sys.platform,
+            "python": platform.python_version(), "packages": versions}
+
+
+def write_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Throughput and p99 latency against concurrency, one line per target and request size, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (throughput, tail) = plt.subplots(1, 2, figsize=(11, 4))
+    for target in sorted({row["target"] for row in rows}):
+        for images in sorted({row["images_per_request"] for row in rows}):
+            points = sorted((r["concurrency"], r["images_per_s"], r["p99_ms"]) for r in rows
+                            if r["target"] == target and r["images_per_request"] == images)
+            if points:
+                label = f"{target}, {images} img/req"
+                throughput.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+                tail.plot([p[0] for p in points], [p[2] for p in points], marker="o", label=label)
+    for axis, ylabel in ((throughput, "images/s"), (tail, "p99 latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrency")
+        axis.set_ylabel(ylabel)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The whole Markdown report of a run."""
+    parts = [_machine_line(report["machine"]), _results_table(report["steps"]), _targets_table(report)]
+    parts.extend(_charts(report["steps"]))
+    return "\n\n".join(part for part in parts if part) + "\n"
+
+
+def _machine_line(machine: dict[str, Any]) -> str:
+    packages = ", ".join(f"{name} {release}" for name, release in machine.get("packages", {}).items())
+    return (f"Machine: {machine['cpus']} CPUs ({machine.get('cpu_model', 'unknown')}), {machine['platform']}, "
+            f"Python {machine.get('python', '?')}; {packages}.")
+
+
+def _number(value: float | None, digits: int = 0) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def _results_table(rows: list[dict[str, Any]]) -> str:
+    header = "| step | target | requests/s | images/s | p50 / p90 / p99 ms | server CPU µs/request | mean batch | errors |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (r["images_per_request"], r["concurrency"], r["target"] != SERVED)):
+        latency = f"{row['p50_ms']:.2f} / {row['p90_ms']:.2f} / {row['p99_ms']:.2f}"
+        errors = ", ".join(f"{code} {count}" for code, count in row["errors"].items()) or "none"
+        lines.append(f"| {row['concurrency']} × {row['images_per_request']} | {row['target']} "
+                     f"| {_number(row['requests_per_s'])} | {_number(row['images_per_s'])} | {latency} "
+                     f"| {_number(row.get('server_cpu_us_per_request'))} | {_number(row.get('mean_batch_size'), 1)} "
+                     f"| {errors} |")
+    in_process = [f"{r['concurrency']} × {r['images_per_request']}: {_number(r['onnxruntime_images_per_s'])} img/s"
+                  for r in sorted(rows, key=lambda r: (r["images_per_request"], r["concurrency"]))
+                  if r.get("onnxruntime_images_per_s")]
+    if in_process:
+        lines.append("")
+        lines.append(f"ONNX Runtime in-process at each step's batch size, timed in its rounds: {'; '.join(in_process)}.")
+    return "\n".join(lines)
+
+
+def _targets_table(report: dict[str, Any]) -> str:
+    ratios = {(r["concurrency"], r["images_per_request"]): r for r in report["ratios"]}
+    lines = ["| target | step | measured | bound | met |", "|---|---|---|---|---|"]
+    for target in TARGETS:
+        value = ratios.get((target.concurrency, target.images_per_request), {}).get(target.ratio)
+        if value is not None:
+            sign = "≥" if target.at_least else "≤"
+            lines.append(f"| {target.what} | {target.concurrency} × {target.images_per_request} | {value:.2f} "
+                         f"| {sign} {target.bound} | {'yes' if target.met(value) else 'no'} |")
+    memory = report.get("server_memory", {})
+    if "rss_growth_percent" in memory:
+        peak = max(memory.get("rss_peak_mb", 0.0), memory.get("rss_run_peak_mb", 0.0))
+        growth = memory["rss_growth_percent"]
+        lines.append(f"| server memory, peak | all steps and the memory run | {peak:.0f} MB | < {MEMORY_LIMIT_MB:.0f} MB "
+                     f"| {'yes' if peak < MEMORY_LIMIT_MB else 'no'} |")
+        lines.append(f"| server memory growth over {memory['memory_run_seconds']:.0f} s | memory run "
+                     f"| {growth:+.1f}% | < {MEMORY_GROWTH_LIMIT_PERCENT:.0f}% "
+                     f"| {'yes' if growth < MEMORY_GROWTH_LIMIT_PERCENT else 'no'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _charts(rows: list[dict[str, Any]]) -> list[str]:
+    """Mermaid charts of requests/s and p99 against concurrency, for each request size with several levels."""
+    charts = []
+    for images in sorted({row["images_per_request"] for row in rows}):
+        levels = sorted({r["concurrency"] for r in rows if r["images_per_request"] == images})
+        if len(levels) < 2:
+            continue
+        by_target = {(r["target"], r["concurrency"]): r for r in rows if r["images_per_request"] == images}
+        size = "1 image" if images == 1 else f"{images} images"
+        for title, key in ((f"requests/s, {size} per request", "requests_per_s"),
+                           (f"p99 latency (ms), {size} per request", "p99_ms")):
+            charts.append(_chart(title, levels, by_target, key))
+    return charts
+
+
+def _chart(title: str, levels: list[int], by_target: dict[tuple[str, int], dict[str, Any]], key: str) -> str:
+    def series(target: str, shape: str, fmt: Callable[[float], str]) -> str | None:
+        values = [by_target.get((target, level), {}).get(key) for level in levels]
+        if any(value is None for value in values):
+            return None
+        return f"    {shape} [{', '.join(fmt(value) for value in values)}]"
+
+    fmt = (lambda v: f"{v:.0f}") if key == "requests_per_s" else (lambda v: f"{v:.2f}")
+    lines = ["```mermaid", "xychart-beta", f'    title "{title}: bars convserve, line do-nothing server"',
+             f"    x-axis \"concurrency\" [{', '.join(map(str, levels))}]", f'    y-axis "{title.split(",")[0]}"']
+    lines.extend(line for line in (series(SERVED, "bar", fmt), series(NOOP, "line", fmt)) if line)
+    lines.append("```")
+    return "\n".join(lines)
