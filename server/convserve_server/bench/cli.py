@@ -28,7 +28,7 @@ import onnxruntime as ort
 from convserve_client.protos import grpc_predict_v2_pb2 as pb
 from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server.bench.loadgen import Step, StepResult, run_step, summarize
-from convserve_server.bench.report import describe_machine, markdown, write_plot
+from convserve_server.bench.report import NOOP, SERVED, describe_machine, markdown, write_plot
 from convserve_server.repository import scan_repository
 
 _PROG = "convserve-bench"
@@ -204,14 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             address = args.target
         _wait_ready(address)
         shape, model = _model_shape(address, args.model)
-        targets = {"convserve": address}
-        pids: dict[str, int | None] = {"convserve": server_pid}
+        targets = {SERVED: address}
+        pids: dict[str, int | None] = {SERVED: server_pid}
         if not args.no_ceilings:
             noop_port = _free_port()
             children.append(_start(["convserve_server.bench.noop_server", "--port", str(noop_port)]))
-            targets["do-nothing gRPC"] = f"127.0.0.1:{noop_port}"
-            pids["do-nothing gRPC"] = children[-1].pid
-            _wait_ready(targets["do-nothing gRPC"])
+            targets[NOOP] = f"127.0.0.1:{noop_port}"
+            pids[NOOP] = children[-1].pid
+            _wait_ready(targets[NOOP])
 
         rows: list[dict[str, Any]] = []
         memory: dict[str, float] = {}
@@ -233,14 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row["target"] = name
                 known = row["requests"] and pids.get(name) is not None
                 row["server_cpu_us_per_request"] = 1e6 * cpu_seconds / row["requests"] if known else None
-                if name == "convserve" and metrics_port is not None:
+                if name == SERVED and metrics_port is not None:
                     row["mean_batch_size"] = batched_images / calls if calls else float("nan")
                     if server_pid is not None:
                         rss = _rss_mb(server_pid)
                         memory.setdefault("rss_first_step_mb", rss)
                         memory["rss_last_step_mb"] = rss
                         memory["rss_peak_mb"] = max(memory.get("rss_peak_mb", 0.0), rss)
-                if name == "convserve" and in_process is not None:
+                if name == SERVED and in_process is not None:
                     row["onnxruntime_images_per_s"] = in_process
                 rows.append(row)
                 cpu = row["server_cpu_us_per_request"]
@@ -289,7 +289,7 @@ def _alternate(targets: dict[str, str], pids: dict[str, int | None], protocol: s
         warmup = step.warmup_s if round_index == 0 else min(step.warmup_s, 0.2)
         part = Step(step.concurrency, step.images_per_request, step.duration_s / rounds, warmup)
         for name, address in targets.items():
-            served = name == "convserve"
+            served = name == SERVED
             pid = pids.get(name)
             before = _batch_totals(metrics_port) if served else (0.0, 0.0)
             cpu_at_start: list[float] = []
@@ -312,10 +312,10 @@ def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by_step = {(r["target"], r["concurrency"], r["images_per_request"]): r for r in rows}
     ratios = []
     for (target, concurrency, images), row in by_step.items():
-        if target != "convserve":
+        if target != SERVED:
             continue
         entry: dict[str, Any] = {"concurrency": concurrency, "images_per_request": images}
-        noop = by_step.get(("do-nothing gRPC", concurrency, images))
+        noop = by_step.get((NOOP, concurrency, images))
         if noop and noop["requests_per_s"]:
             entry["requests_per_s_vs_noop"] = row["requests_per_s"] / noop["requests_per_s"]
             entry["p50_vs_noop"] = row["p50_ms"] / noop["p50_ms"]

@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+SERVED = "convserve"  # the target names in the report's rows
 NOOP = "do-nothing gRPC"
-SERVED = "convserve"
 
 
 @dataclass(frozen=True)
@@ -158,22 +157,14 @@ def _charts(rows: list[dict[str, Any]]) -> list[str]:
             continue
         by_target = {(r["target"], r["concurrency"]): r for r in rows if r["images_per_request"] == images}
         size = "1 image" if images == 1 else f"{images} images"
-        for title, key in ((f"requests/s, {size} per request", "requests_per_s"),
-                           (f"p99 latency (ms), {size} per request", "p99_ms")):
-            charts.append(_chart(title, levels, by_target, key))
+        for axis, key, digits in (("requests/s", "requests_per_s", 0), ("p99 latency (ms)", "p99_ms", 2)):
+            series = {shape: [by_target.get((target, level), {}).get(key) for level in levels]
+                      for shape, target in (("bar", SERVED), ("line", NOOP))}
+            lines = ["```mermaid", "xychart-beta",
+                     f'    title "{axis}, {size} per request: bars convserve, line do-nothing server"',
+                     f"    x-axis \"concurrency\" [{', '.join(map(str, levels))}]", f'    y-axis "{axis}"']
+            lines.extend(f"    {shape} [{', '.join(f'{value:.{digits}f}' for value in values)}]"
+                         for shape, values in series.items() if None not in values)
+            lines.append("```")
+            charts.append("\n".join(lines))
     return charts
-
-
-def _chart(title: str, levels: list[int], by_target: dict[tuple[str, int], dict[str, Any]], key: str) -> str:
-    def series(target: str, shape: str, fmt: Callable[[float], str]) -> str | None:
-        values = [by_target.get((target, level), {}).get(key) for level in levels]
-        if any(value is None for value in values):
-            return None
-        return f"    {shape} [{', '.join(fmt(value) for value in values)}]"
-
-    fmt = (lambda v: f"{v:.0f}") if key == "requests_per_s" else (lambda v: f"{v:.2f}")
-    lines = ["```mermaid", "xychart-beta", f'    title "{title}: bars convserve, line do-nothing server"',
-             f"    x-axis \"concurrency\" [{', '.join(map(str, levels))}]", f'    y-axis "{title.split(",")[0]}"']
-    lines.extend(line for line in (series(SERVED, "bar", fmt), series(NOOP, "line", fmt)) if line)
-    lines.append("```")
-    return "\n".join(lines)
