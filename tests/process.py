@@ -29,7 +29,9 @@ def wait_until_ready(address: str, process: subprocess.Popen, timeout_s: float =
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         while True:
-            assert process.poll() is None, "server exited before it was ready"
+            if process.poll() is not None:
+                errors = process.stderr.read().decode(errors="replace")[-2000:] if process.stderr else ""
+                raise AssertionError(f"server exited ({process.returncode}) before it was ready: {errors}")
             try:
                 if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
                     return
