@@ -1,7 +1,10 @@
 """Overload and abandoned requests, against a real server process running a deliberately slow model.
 
-The model takes about a millisecond or two per call, so a few dozen callers that
-resend as soon as they are answered offer several times what it can compute.
+The model takes a few milliseconds per call, so a few dozen callers that resend as
+soon as they are answered offer several times what it can compute. Machines differ
+several-fold in speed, so latencies are judged against each other and against the
+model's own compute time measured by the server in the same run, not in absolute
+milliseconds.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ CALLERS = 48
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     repository = tmp_path_factory.mktemp("overload") / "models"
-    write_version(repository, "slow", 1, hidden_layers=3, hidden_width=2048)
+    write_version(repository, "slow", 1, hidden_layers=3, hidden_width=3072)
     with ServerProcess(repository, "--max-batch-size", "2", "--max-queue-size", str(QUEUE),
                        "--intra-op-threads", "1") as process:
         yield process
@@ -68,10 +71,18 @@ def percentile_ms(outcomes: list[tuple[grpc.StatusCode, float]], code: grpc.Stat
     return float(np.percentile([s for c, s in outcomes if c == code], q)) * 1000
 
 
+def compute_totals(server: ServerProcess) -> tuple[float, float]:
+    """Total seconds and count of model calls so far, from the server's metrics."""
+    return (server.metric('convserve_compute_seconds_sum{model="slow"}'),
+            server.metric('convserve_compute_seconds_count{model="slow"}'))
+
+
 def test_overload_is_refused_fast_accepted_work_stays_bounded_and_memory_too(slow_server: ServerProcess):
     asyncio.run(hammer(slow_server.address, 1.0, 4))  # settle allocations before measuring memory
     rss_before = slow_server.rss_mb()
+    compute_before = compute_totals(slow_server)
     outcomes = asyncio.run(hammer(slow_server.address, OVERLOAD_SECONDS, CALLERS))
+    compute_after = compute_totals(slow_server)
     rss_after = slow_server.rss_mb()
     codes = {code for code, _ in outcomes}
     accepted = sum(code == grpc.StatusCode.OK for code, _ in outcomes)
@@ -81,15 +92,23 @@ def test_overload_is_refused_fast_accepted_work_stays_bounded_and_memory_too(slo
         "refused_share": refused / len(outcomes),
         "refusal_p50_ms": percentile_ms(outcomes, grpc.StatusCode.RESOURCE_EXHAUSTED, 50),
         "refusal_p99_ms": percentile_ms(outcomes, grpc.StatusCode.RESOURCE_EXHAUSTED, 99),
+        "accepted_p50_ms": percentile_ms(outcomes, grpc.StatusCode.OK, 50),
         "accepted_p99_ms": percentile_ms(outcomes, grpc.StatusCode.OK, 99),
+        "model_call_ms": 1000 * (compute_after[0] - compute_before[0]) / (compute_after[1] - compute_before[1]),
         "rss_before_mb": rss_before, "rss_after_mb": rss_after,
     }
     print("overload figures:", {k: round(v, 2) for k, v in figures.items()})
     assert codes == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
     assert figures["offered_per_s"] > 3 * figures["answered_per_s"], "the test must offer several times capacity"
-    assert figures["refusal_p50_ms"] < 20 and figures["refusal_p99_ms"] < 150
-    # At most QUEUE requests wait ahead of an accepted one, each a model call of a few milliseconds.
-    assert figures["accepted_p99_ms"] < 500
+    # Both kinds of answer share the callers' own queueing in this one client process; only accepted
+    # requests also wait for the model, so a refusal that waited too would be as slow as they are.
+    assert figures["refusal_p50_ms"] < figures["accepted_p50_ms"] / 2, figures
+    assert figures["refusal_p99_ms"] < figures["accepted_p99_ms"], figures
+    # At most QUEUE requests (QUEUE / 2 model calls) and one call in progress wait ahead of an accepted
+    # request. Allow four times that, as the model shares two cores with the callers, on top of the
+    # callers' own queueing, which the refusals show.
+    waiting_ahead_ms = (QUEUE // 2 + 1) * figures["model_call_ms"]
+    assert figures["accepted_p99_ms"] < figures["refusal_p99_ms"] + 4 * waiting_ahead_ms, figures
     assert rss_after - rss_before < 30
     assert slow_server.alive
     assert slow_server.metric('convserve_queue_depth{model="slow"}') == 0
