@@ -6,9 +6,11 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 import grpc
 
@@ -23,15 +25,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class ServerExited(AssertionError):
+    """The server process exited before it was ready; the message ends with its stderr."""
+
+
 def wait_until_ready(address: str, process: subprocess.Popen, timeout_s: float = 60) -> None:
-    """Block until the server at ``address`` says it is ready; fail if ``process`` exits first."""
+    """Block until the server at ``address`` says it is ready; :class:`ServerExited` if ``process`` exits first."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         while True:
             if process.poll() is not None:
-                errors = process.stderr.read().decode(errors="replace")[-2000:] if process.stderr else ""
-                raise AssertionError(f"server exited ({process.returncode}) before it was ready: {errors}")
+                raise ServerExited(f"server exited ({process.returncode}) before it was ready: {_stderr_tail(process)}")
             try:
                 if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
                     return
@@ -41,23 +46,65 @@ def wait_until_ready(address: str, process: subprocess.Popen, timeout_s: float =
             time.sleep(0.1)
 
 
+def _stderr_tail(process: subprocess.Popen, chars: int = 2000) -> str:
+    """The end of what an exited process wrote to its stderr pipe ("" when stderr is not a pipe)."""
+    if process.stderr is None:
+        return ""
+    text = process.stderr.read()
+    return (text.decode(errors="replace") if isinstance(text, bytes) else text)[-chars:]
+
+
 class ServerProcess:
-    """``python -m convserve_server`` on loopback; use as a context manager (waits until ready, then stops it)."""
+    """``python -m convserve_server`` on loopback; use as a context manager (waits until ready, then stops it).
+
+    Its ports are picked free before it starts, so another socket can take one in between; a server
+    that exits because a port is busy is started again on fresh ports.
+    """
+
+    BUSY_PORT_RETRIES = 3
 
     def __init__(self, repository: Path, *flags: str) -> None:
+        self._repository = repository
+        self._flags = flags
+        self.process: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self._args = [sys.executable, "-m", "convserve_server", "--model-repository", str(repository),
-                      "--host", "127.0.0.1", "--port", str(self.port), "--metrics-host", "127.0.0.1",
-                      "--metrics-port", str(self.metrics_port), "--device", "cpu", "--poll-interval-s", "0", *flags]
-        self.process: subprocess.Popen[bytes] | None = None
+
+    def _start(self) -> None:
+        args = [sys.executable, "-m", "convserve_server", "--model-repository", str(self._repository),
+                "--host", "127.0.0.1", "--port", str(self.port), "--metrics-host", "127.0.0.1",
+                "--metrics-port", str(self.metrics_port), "--device", "cpu", "--poll-interval-s", "0", *self._flags]
+        # A file, not a pipe: nobody reads stderr while the server runs, and a full pipe would block it.
+        self._stderr.close()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self._stderr,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def __enter__(self) -> ServerProcess:
-        self.process = subprocess.Popen(self._args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.wait_ready()
+        for _ in range(self.BUSY_PORT_RETRIES):
+            if self._start_and_wait(retry_if_port_busy=True):
+                return self
+            self._pick_ports()
+        self._start_and_wait(retry_if_port_busy=False)
         return self
+
+    def _start_and_wait(self, retry_if_port_busy: bool) -> bool:
+        """Start and wait until ready (True); stop it and return False if a port was busy and that may be retried."""
+        self._start()
+        try:
+            self.wait_ready()
+            return True
+        except BaseException as exc:
+            self.__exit__()
+            if retry_if_port_busy and isinstance(exc, ServerExited) and any(
+                    busy in str(exc) for busy in ("cannot listen on", "cannot serve metrics on")):
+                return False
+            raise
 
     def __exit__(self, *exc: object) -> None:
         assert self.process is not None
@@ -67,12 +114,17 @@ class ServerProcess:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-        self.process.communicate()
+        self.process.wait()
+        self._stderr.close()
 
     def wait_ready(self, timeout_s: float = 60) -> None:
-        """Block until ServerReady says so; fail if the process exits first."""
+        """Block until ServerReady says so; :class:`ServerExited`, with its stderr, if the process exits first."""
         assert self.process is not None
-        wait_until_ready(self.address, self.process, timeout_s)
+        try:
+            wait_until_ready(self.address, self.process, timeout_s)
+        except ServerExited as exc:
+            self._stderr.seek(0)
+            raise ServerExited(f"{exc}{self._stderr.read().decode(errors='replace')[-2000:]}") from None
 
     @property
     def alive(self) -> bool:

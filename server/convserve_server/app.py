@@ -21,6 +21,7 @@ from convserve_client.protos import classifier_pb2, grpc_predict_v2_pb2
 from convserve_server.auth import BearerTokenInterceptor
 from convserve_server.config import ServerConfig
 from convserve_server.core import InferenceCore
+from convserve_server.errors import StartupError
 from convserve_server.metrics import ServerMetrics
 from convserve_server.servicers.classifier import ClassifierServicer
 from convserve_server.servicers.inference import InferenceServicer
@@ -77,10 +78,13 @@ class ConvserveServer:
         )
         address = f"{config.host}:{config.port}"
         credentials = _server_credentials(config)
-        if credentials is None:
-            self.port = self._server.add_insecure_port(address)
-        else:
-            self.port = self._server.add_secure_port(address, credentials)
+        try:
+            if credentials is None:
+                self.port = self._server.add_insecure_port(address)
+            else:
+                self.port = self._server.add_secure_port(address, credentials)
+        except RuntimeError as exc:  # grpcio's only word for a failed bind
+            raise StartupError(f"cannot listen on {address}: port busy or host not this machine's") from exc
         self.metrics_port: int | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()

@@ -7,6 +7,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from convserve_server.errors import StartupError
+
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
 
@@ -58,8 +60,11 @@ class ServerMetrics:
         return _ModelObserver(self, model)
 
     def serve_http(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on a background thread; returns the bound port."""
-        self._http = start_http_server(port, addr=host, registry=self.registry)
+        """Serve ``/metrics`` on a background thread; returns the bound port (StartupError if it cannot bind)."""
+        try:
+            self._http = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
         return int(self._http[0].server_port)
 
     def close(self) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import socket
 import threading
 
 import grpc
@@ -32,6 +31,7 @@ from convserve_client.errors import from_rpc_error
 from convserve_client.protos import classifier_pb2, classifier_pb2_grpc
 from convserve_client.preprocessing import PreprocessingSpec, preprocess
 from tests.models import TINY_LABELS
+from tests.process import free_port
 
 FAST_RETRY = RetryPolicy(max_attempts=40, initial_backoff=0.01, max_backoff=0.1)
 
@@ -131,12 +131,6 @@ async def test_server_errors_become_typed_exceptions_keeping_code_and_message(ti
     error = from_rpc_error(raw.value)
     assert isinstance(error, InvalidArgumentError) and "4 dimensions" in error.message
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_client_retries_until_a_briefly_down_server_comes_up(tiny_repo, start_server):

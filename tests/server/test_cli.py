@@ -21,7 +21,7 @@ from convserve_server.errors import StartupError
 from convserve_server.runtime import CUDA, DeviceRequest, OnnxModel
 
 from tests.models import tiny_model, write_version
-from tests.process import wait_until_ready
+from tests.process import free_port, wait_until_ready
 
 
 def serve(*args: str) -> subprocess.Popen[str]:
@@ -29,12 +29,6 @@ def serve(*args: str) -> subprocess.Popen[str]:
         [sys.executable, "-m", "convserve_server", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "CONVSERVE_METRICS_PORT": "-1"},
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def one_line_error(process: subprocess.Popen[str]) -> str:
@@ -66,6 +60,17 @@ def test_model_without_card_is_refused(tmp_path):
 def test_bad_flag_values_are_one_line_errors(tmp_path):
     assert "device" in one_line_error(serve("--device", "tpu"))
     assert "max_batch_size" in one_line_error(serve("--max-batch-size", "0"))
+
+
+def test_busy_ports_are_one_line_errors(tiny_repo):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        common = ("--model-repository", str(tiny_repo), "--device", "cpu", "--host", "127.0.0.1", "--metrics-host", "127.0.0.1")
+        assert f"cannot listen on 127.0.0.1:{port}" in one_line_error(serve(*common, "--port", port))
+        error = one_line_error(serve(*common, "--port", "0", "--metrics-port", port))
+        assert f"cannot serve metrics on 127.0.0.1:{port}" in error and "in use" in error
 
 
 def cuda_works() -> bool:
