@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from convserve_server.bench.cli import main, parse_steps
+from tests.process import free_port
 
 
 def test_bench_reports_both_targets_ratios_memory_a_plot_and_markdown(tiny_repo, tmp_path):
@@ -43,3 +45,21 @@ def test_bad_steps_are_a_one_line_error(tiny_repo, capsys):
     assert "--rounds" in capsys.readouterr().err
     with pytest.raises(ValueError):
         parse_steps("0x1")
+
+
+def test_a_server_that_cannot_start_is_a_one_line_error_at_once(tiny_repo, tmp_path, capsys):
+    started = time.monotonic()
+    status = main(["--model-repository", str(tiny_repo), "--server-args", "--max-batch-size 0", "--steps", "1x1",
+                   "--output", str(tmp_path)])
+    assert status == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("convserve-bench: error: convserve_server exited (2) before it was ready")
+    assert "max_batch_size" in error and "\n" not in error
+    assert time.monotonic() - started < 60, "it must notice the exit, not wait out the readiness timeout"
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_a_target_that_never_answers_is_a_one_line_error(tmp_path, capsys):
+    address = f"127.0.0.1:{free_port()}"
+    assert main(["--target", address, "--ready-timeout", "1", "--steps", "1x1", "--output", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip().startswith("convserve-bench: error: no server ready at 127.0.0.1:")

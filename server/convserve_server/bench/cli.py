@@ -15,11 +15,14 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import IO, Any
 
 import grpc
 import numpy as np
@@ -40,18 +43,40 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_ready(address: str, timeout_s: float = 120) -> None:
+class BenchError(Exception):
+    """A failure the tool reports in one line: a server that exited early or never became ready."""
+
+
+@dataclass
+class _Child:
+    """A server process this tool started; its stderr goes to a file, read back if it dies early."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: IO[bytes]
+
+    def last_stderr_line(self) -> str:
+        self.log.seek(0)
+        lines = [line for line in self.log.read().decode(errors="replace").splitlines() if line.strip()]
+        return lines[-1] if lines else "(nothing on stderr)"
+
+
+def _wait_ready(address: str, timeout_s: float, child: _Child | None = None) -> None:
+    """Return once the server at ``address`` is ready; :class:`BenchError` if ``child`` exits first or time runs out."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         while time.monotonic() < deadline:
+            if child is not None and child.process.poll() is not None:
+                raise BenchError(f"{child.name} exited ({child.process.returncode}) before it was ready: "
+                                 f"{child.last_stderr_line()}")
             try:
                 if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
                     return
             except grpc.RpcError:
                 pass
             time.sleep(0.1)
-    raise RuntimeError(f"server at {address} not ready after {timeout_s:.0f} s")
+    raise BenchError(f"no server ready at {address} after {timeout_s:.0f} s")
 
 
 def _rss_mb(pid: int) -> float:
@@ -158,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     parser.add_argument("--processes", type=int, default=1, help="load-generator processes (default %(default)s)")
     parser.add_argument("--server-args", default="", help="extra flags for the convserve-serve it starts")
+    parser.add_argument("--ready-timeout", type=float, default=120.0,
+                        help="seconds to wait for each server to be ready (default %(default)s)")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the do-nothing server and ONNX Runtime runs")
     parser.add_argument("--memory-seconds", type=float, default=60.0,
                         help="with --model-repository: then load it this long at the largest concurrency and "
@@ -167,9 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _start(args: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def _start(args: list[str]) -> _Child:
+    """``python -m args``, its stderr kept in a temporary file (a pipe nobody reads could fill and block it)."""
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (closed with the child, in main)
+    process = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL, stderr=log,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return _Child(args[0], process, log)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)
         return 2
-    children: list[subprocess.Popen[bytes]] = []
+    children: list[_Child] = []
     server_pid: int | None = None
     metrics_port: int | None = None
     model_path: Path | None = None
@@ -198,11 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "--port", str(port), "--metrics-port", str(metrics_port), "--poll-interval-s", "0",
                              *args.server_args.split()])
             children.append(server)
-            server_pid = server.pid
+            server_pid = server.process.pid
             address = f"127.0.0.1:{port}"
         else:
             address = args.target
-        _wait_ready(address)
+        _wait_ready(address, args.ready_timeout, children[0] if children else None)
         shape, model = _model_shape(address, args.model)
         targets = {SERVED: address}
         pids: dict[str, int | None] = {SERVED: server_pid}
@@ -210,8 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             noop_port = _free_port()
             children.append(_start(["convserve_server.bench.noop_server", "--port", str(noop_port)]))
             targets[NOOP] = f"127.0.0.1:{noop_port}"
-            pids[NOOP] = children[-1].pid
-            _wait_ready(targets[NOOP])
+            pids[NOOP] = children[-1].process.pid
+            _wait_ready(targets[NOOP], args.ready_timeout, children[-1])
 
         rows: list[dict[str, Any]] = []
         memory: dict[str, float] = {}
@@ -263,11 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(summary)
         print(f"wrote {args.output / 'bench.json'}, {args.output / 'bench.png'} and {args.output / 'bench.md'}")
         return 0
+    except BenchError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         for child in children:
-            child.terminate()
+            child.process.terminate()
         for child in children:
-            child.wait(timeout=30)
+            child.process.wait(timeout=30)
+            child.log.close()
 
 
 def _alternate(targets: dict[str, str], pids: dict[str, int | None], protocol: str, model: str,
