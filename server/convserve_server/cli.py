@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import signal
@@ -27,10 +28,22 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
+        _freeze_startup_heap()
         await stop.wait()
         log.info("stop signal received")
     finally:
         await server.shutdown()
+
+
+def _freeze_startup_heap() -> None:
+    """Exempt everything built at startup (modules, models, gRPC stack) from garbage collection.
+
+    A full collection otherwise walks that whole heap, stopping the event loop for tens of
+    milliseconds under load; what requests allocate later is still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    log.info("%d objects built at startup exempt from garbage collection", gc.get_freeze_count())
 
 
 def _run_worker(config: ServerConfig) -> int:

@@ -105,6 +105,20 @@ def test_cuda_provider_really_runs(tiny_repo):
     np.testing.assert_allclose(model.run(batch), cpu.run(batch), atol=1e-5)
 
 
+def test_the_heap_built_at_startup_is_exempt_from_garbage_collection(tiny_repo):
+    port = free_port()
+    process = serve("--model-repository", str(tiny_repo), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu")
+    try:
+        wait_until_ready(f"127.0.0.1:{port}", process)
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    frozen = [line for line in err.splitlines() if "exempt from garbage collection" in line]
+    assert len(frozen) == 1, err
+    # Imported modules, the model and the gRPC stack: tens of thousands of objects a full collection skips.
+    assert int(frozen[0].split(": ")[-1].split()[0]) > 10_000, frozen[0]
+
+
 def test_sigterm_with_requests_in_flight_answers_them_and_exits_zero(tiny_repo):
     port = free_port()
     process = serve("--model-repository", str(tiny_repo), "--host", "127.0.0.1", "--port", str(port),
