@@ -57,7 +57,9 @@ def test_report_tables_every_row_and_charts_only_sizes_with_several_concurrency_
     assert "| 32 × 1 | convserve | 4,000 | 4,000 | 6.00 / 9.60 / 12.00 | 300 | 6.0 | none |" in text
     assert "| 8 × 64 | do-nothing gRPC | 1,000 | 64,000 | 7.50 / 12.00 / 15.00 | – | – | none |" in text
     assert "8 × 64: 64,000 img/s" in text
-    assert text.startswith("Machine: ")
+    machine = describe_machine()
+    assert machine["vector_instructions"] in {"AVX-512", "AVX2", "no AVX2", "unknown"}
+    assert text.startswith(f"Machine: {machine['cpus']} CPUs ({machine['cpu_model']}, {machine['vector_instructions']})")
     assert text.count("xychart-beta") == 2  # single-image requests/s and p99; 64 images has one level only
     assert 'x-axis "concurrency" [1, 32]' in text
     assert "bar [1500, 4000]" in text and "line [2000, 5000]" in text
