@@ -99,9 +99,9 @@ def test_overload_is_refused_fast_accepted_work_stays_bounded_and_memory_too(slo
     print("overload figures:", {k: round(v, 2) for k, v in figures.items()})
     assert codes == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
     assert figures["offered_per_s"] > 3 * figures["answered_per_s"], "the test must offer several times capacity"
-    # Both kinds of answer share the callers' own queueing in this one client process; only accepted
-    # requests also wait for the model, so a refusal that waited too would be as slow as they are.
-    assert figures["refusal_p50_ms"] < figures["accepted_p50_ms"] / 2, figures
+    # Both kinds of answer share the callers' own queueing in this one client process; accepted requests
+    # also wait for the queue and at least their own model call, which a refusal must not wait for.
+    assert figures["refusal_p50_ms"] + figures["model_call_ms"] < figures["accepted_p50_ms"], figures
     assert figures["refusal_p99_ms"] < figures["accepted_p99_ms"], figures
     # At most QUEUE requests (QUEUE / 2 model calls) and one call in progress wait ahead of an accepted
     # request. Allow four times that, as the model shares two cores with the callers, on top of the
