@@ -29,14 +29,19 @@ class ServerExited(AssertionError):
     """The server process exited before it was ready; the message ends with its stderr."""
 
 
-def wait_until_ready(address: str, process: subprocess.Popen, timeout_s: float = 60) -> None:
-    """Block until the server at ``address`` says it is ready; :class:`ServerExited` if ``process`` exits first."""
+def wait_until_ready(address: str, process: subprocess.Popen, timeout_s: float = 60,
+                     stderr_file: IO[bytes] | None = None) -> None:
+    """Block until the server at ``address`` says it is ready; :class:`ServerExited` if ``process`` exits first.
+
+    The error ends with what the process wrote to stderr: its pipe, or ``stderr_file`` if it wrote there.
+    """
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         while True:
             if process.poll() is not None:
-                raise ServerExited(f"server exited ({process.returncode}) before it was ready: {_stderr_tail(process)}")
+                raise ServerExited(f"server exited ({process.returncode}) before it was ready: "
+                                   f"{_stderr_tail(process, stderr_file)}")
             try:
                 if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
                     return
@@ -46,11 +51,15 @@ def wait_until_ready(address: str, process: subprocess.Popen, timeout_s: float =
             time.sleep(0.1)
 
 
-def _stderr_tail(process: subprocess.Popen, chars: int = 2000) -> str:
-    """The end of what an exited process wrote to its stderr pipe ("" when stderr is not a pipe)."""
-    if process.stderr is None:
+def _stderr_tail(process: subprocess.Popen, stderr_file: IO[bytes] | None, chars: int = 2000) -> str:
+    """The end of what an exited process wrote to ``stderr_file`` or else its stderr pipe ("" for neither)."""
+    if stderr_file is not None:
+        stderr_file.seek(0)
+        text = stderr_file.read()
+    elif process.stderr is not None:
+        text = process.stderr.read()
+    else:
         return ""
-    text = process.stderr.read()
     return (text.decode(errors="replace") if isinstance(text, bytes) else text)[-chars:]
 
 
@@ -67,7 +76,7 @@ class ServerProcess:
         self._repository = repository
         self._flags = flags
         self.process: subprocess.Popen[bytes] | None = None
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)
+        self._stderr: IO[bytes] | None = None
         self._pick_ports()
 
     def _pick_ports(self) -> None:
@@ -80,7 +89,6 @@ class ServerProcess:
                 "--host", "127.0.0.1", "--port", str(self.port), "--metrics-host", "127.0.0.1",
                 "--metrics-port", str(self.metrics_port), "--device", "cpu", "--poll-interval-s", "0", *self._flags]
         # A file, not a pipe: nobody reads stderr while the server runs, and a full pipe would block it.
-        self._stderr.close()
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=self._stderr,
                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -115,16 +123,13 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.process.wait()
-        self._stderr.close()
+        if self._stderr is not None:
+            self._stderr.close()
 
     def wait_ready(self, timeout_s: float = 60) -> None:
         """Block until ServerReady says so; :class:`ServerExited`, with its stderr, if the process exits first."""
         assert self.process is not None
-        try:
-            wait_until_ready(self.address, self.process, timeout_s)
-        except ServerExited as exc:
-            self._stderr.seek(0)
-            raise ServerExited(f"{exc}{self._stderr.read().decode(errors='replace')[-2000:]}") from None
+        wait_until_ready(self.address, self.process, timeout_s, self._stderr)
 
     @property
     def alive(self) -> bool:

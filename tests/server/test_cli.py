@@ -67,7 +67,8 @@ def test_busy_ports_are_one_line_errors(tiny_repo):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        common = ("--model-repository", str(tiny_repo), "--device", "cpu", "--host", "127.0.0.1", "--metrics-host", "127.0.0.1")
+        common = ("--model-repository", str(tiny_repo), "--device", "cpu", "--host", "127.0.0.1",
+                  "--metrics-host", "127.0.0.1")
         assert f"cannot listen on 127.0.0.1:{port}" in one_line_error(serve(*common, "--port", port))
         error = one_line_error(serve(*common, "--port", "0", "--metrics-port", port))
         assert f"cannot serve metrics on 127.0.0.1:{port}" in error and "in use" in error
