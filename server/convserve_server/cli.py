@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Sequence
 
+from convserve_server import eventloop
 from convserve_server.config import ServerConfig, load_config
 from convserve_server.errors import StartupError
 
@@ -49,7 +50,9 @@ def _freeze_startup_heap() -> None:
 def _run_worker(config: ServerConfig) -> int:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
     try:
-        asyncio.run(serve(config))
+        factory = eventloop.loop_factory(config.event_loop)
+        log.info("event loop: %s", eventloop.loop_name(factory))
+        eventloop.run(lambda: serve(config), factory)
     except StartupError as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)
         return 1

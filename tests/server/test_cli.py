@@ -60,6 +60,7 @@ def test_model_without_card_is_refused(tmp_path):
 def test_bad_flag_values_are_one_line_errors(tmp_path):
     assert "device" in one_line_error(serve("--device", "tpu"))
     assert "max_batch_size" in one_line_error(serve("--max-batch-size", "0"))
+    assert "event_loop" in one_line_error(serve("--event-loop", "trio"))
 
 
 def test_busy_ports_are_one_line_errors(tiny_repo):
@@ -120,10 +121,12 @@ def test_the_heap_built_at_startup_is_exempt_from_garbage_collection(tiny_repo):
     assert int(frozen[0].split(": ")[-1].split()[0]) > 10_000, frozen[0]
 
 
-def test_sigterm_with_requests_in_flight_answers_them_and_exits_zero(tiny_repo):
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_sigterm_with_requests_in_flight_answers_them_and_exits_zero(tiny_repo, event_loop):
     port = free_port()
     process = serve("--model-repository", str(tiny_repo), "--host", "127.0.0.1", "--port", str(port),
-                    "--device", "cpu", "--max-queue-delay-us", "500000", "--grace-period-s", "10")
+                    "--device", "cpu", "--max-queue-delay-us", "500000", "--grace-period-s", "10",
+                    "--event-loop", event_loop)
     try:
         wait_until_ready(f"127.0.0.1:{port}", process)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -140,4 +143,5 @@ def test_sigterm_with_requests_in_flight_answers_them_and_exits_zero(tiny_repo):
     finally:
         if process.poll() is None:
             process.kill()
-        process.communicate()
+        _, err = process.communicate()
+    assert f"event loop: {event_loop}" in err

@@ -30,6 +30,7 @@ import onnxruntime as ort
 
 from convserve_client.protos import grpc_predict_v2_pb2 as pb
 from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_server import eventloop
 from convserve_server.bench.loadgen import Step, StepResult, run_step, summarize
 from convserve_server.bench.report import NOOP, SERVED, describe_machine, markdown, write_plot
 from convserve_server.repository import scan_repository
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     parser.add_argument("--processes", type=int, default=1, help="load-generator processes (default %(default)s)")
     parser.add_argument("--server-args", default="", help="extra flags for the convserve-serve it starts")
+    parser.add_argument("--event-loop", choices=eventloop.CHOICES, default="auto",
+                        help="event loop of both servers it starts, so that the ceiling runs on the same one "
+                        "(default %(default)s: uvloop where installed)")
     parser.add_argument("--ready-timeout", type=float, default=120.0,
                         help="seconds to wait for each server to be ready (default %(default)s)")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the do-nothing server and ONNX Runtime runs")
@@ -226,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port, metrics_port = _free_port(), _free_port()
             server = _start(["convserve_server", "--model-repository", str(args.model_repository), "--host", "127.0.0.1",
                              "--port", str(port), "--metrics-port", str(metrics_port), "--poll-interval-s", "0",
-                             *args.server_args.split()])
+                             "--event-loop", args.event_loop, *args.server_args.split()])
             children.append(server)
             server_pid = server.process.pid
             address = f"127.0.0.1:{port}"
@@ -238,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pids: dict[str, int | None] = {SERVED: server_pid}
         if not args.no_ceilings:
             noop_port = _free_port()
-            children.append(_start(["convserve_server.bench.noop_server", "--port", str(noop_port)]))
+            children.append(_start(["convserve_server.bench.noop_server", "--port", str(noop_port),
+                                    "--event-loop", args.event_loop]))
             targets[NOOP] = f"127.0.0.1:{noop_port}"
             pids[NOOP] = children[-1].process.pid
             _wait_ready(targets[NOOP], args.ready_timeout, children[-1])
@@ -282,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             concurrency = max(c for c, _ in steps)
             memory.update(memory_growth(address, args.protocol, model, shape, server_pid, concurrency,
                                         args.memory_seconds, args.processes))
-        report = {"machine": describe_machine(), "steps": rows,
+        machine = {**describe_machine(), "event_loop": eventloop.loop_name(eventloop.loop_factory(args.event_loop))}
+        report = {"machine": machine, "steps": rows,
                   "onnxruntime_images_per_s": {images: float(np.mean(values)) for images, values in ceilings.items()},
                   "server_memory": memory, "ratios": _ratios(rows)}
         args.output.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,20 @@
 """The do-nothing ceiling: an Open Inference Protocol server that decodes each request and returns a fixed answer.
 
-Same gRPC stack, same protocol, same request decoding as convserve, but no
-batcher and no model: what is left is the cost of gRPC and Python themselves.
+Same gRPC stack, same protocol, same request decoding and the same choice of
+event loop as convserve, but no batcher and no model: what is left is the cost
+of gRPC and Python themselves.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 import grpc.aio
 import numpy as np
 
 from convserve_client.protos import grpc_predict_v2_pb2 as pb
 from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_server import eventloop
 
 NUM_CLASSES = 10
 
@@ -47,5 +48,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--event-loop", choices=eventloop.CHOICES, default="auto")
     args = parser.parse_args()
-    asyncio.run(run(args.host, args.port))
+    eventloop.run(lambda: run(args.host, args.port), eventloop.loop_factory(args.event_loop))

@@ -62,7 +62,7 @@ def describe_machine() -> dict[str, Any]:
     flags = set(fields.get("flags", "").split())
     vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "unknown" if not flags else "no AVX2"
     versions = {}
-    for package in ("onnxruntime", "onnxruntime-gpu", "grpcio", "numpy"):
+    for package in ("onnxruntime", "onnxruntime-gpu", "grpcio", "numpy", "uvloop"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -107,8 +107,9 @@ def markdown(report: dict[str, Any]) -> str:
 def _machine_line(machine: dict[str, Any]) -> str:
     packages = ", ".join(f"{name} {release}" for name, release in machine.get("packages", {}).items())
     cpu = ", ".join(part for part in (machine.get("cpu_model", "unknown"), machine.get("vector_instructions")) if part)
+    loop = f", event loop {machine['event_loop']}" if "event_loop" in machine else ""
     return (f"Machine: {machine['cpus']} CPUs ({cpu}), {machine['platform']}, "
-            f"Python {machine.get('python', '?')}; {packages}.")
+            f"Python {machine.get('python', '?')}{loop}; {packages}.")
 
 
 def _number(value: float | None, digits: int = 0) -> str:
