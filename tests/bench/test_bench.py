@@ -28,6 +28,12 @@ def test_bench_reports_both_targets_ratios_memory_a_plot_and_markdown(tiny_repo,
     assert all(row["onnxruntime_images_per_s"] > 0 for row in served)  # timed within the step's own rounds
     assert set(report["onnxruntime_images_per_s"]) == {"1", "8"}
     assert all("requests_per_s_vs_noop" in r and "images_per_s_vs_onnxruntime" in r for r in report["ratios"])
+    for row in report["steps"]:  # each of the two rounds is reported on its own too
+        assert len(row["rounds"]) == 2 and all(part["requests_per_s"] > 0 for part in row["rounds"])
+    for ratios in report["ratios"]:
+        assert len(ratios["rounds"]) == 2
+        assert all(part["requests_per_s_vs_noop"] > 0 and part["images_per_s_vs_onnxruntime"] > 0
+                   for part in ratios["rounds"])
     memory = report["server_memory"]
     assert memory["memory_run_requests"] > 0 and memory["memory_run_errors"] == 0
     assert 0 < memory["rss_before_mb"] < 1000

@@ -257,15 +257,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             ceiling = None
             if model_path is not None and not args.no_ceilings:
                 ceiling = functools.partial(onnxruntime_ceiling, model_path, shape, images, threads=0)
-            measured, in_process = _alternate(targets, pids, args.protocol, model, shape, step, args.rounds,
-                                              args.processes, metrics_port, ceiling)
+            measured, in_process_rounds = _alternate(targets, pids, args.protocol, model, shape, step, args.rounds,
+                                                     args.processes, metrics_port, ceiling)
+            in_process = float(np.mean(in_process_rounds)) if in_process_rounds else None
             if in_process is not None:
                 ceilings.setdefault(str(images), []).append(in_process)
                 print(f"{'onnxruntime':>16} c=-   b={images:<3} {in_process:9.0f} img/s (in process, same rounds)")
             for name in targets:
-                result, cpu_seconds, (batched_images, calls) = measured[name]
+                result, cpu_seconds, (batched_images, calls), rounds = measured[name]
                 row = summarize(step, result)
                 row["target"] = name
+                row["rounds"] = [_round_summary(step, part) for part in rounds]
                 known = row["requests"] and pids.get(name) is not None
                 row["server_cpu_us_per_request"] = 1e6 * cpu_seconds / row["requests"] if known else None
                 if name == SERVED and metrics_port is not None:
@@ -277,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         memory["rss_peak_mb"] = max(memory.get("rss_peak_mb", 0.0), rss)
                 if name == SERVED and in_process is not None:
                     row["onnxruntime_images_per_s"] = in_process
+                    for part, ceiling_images_per_s in zip(row["rounds"], in_process_rounds):
+                        part["onnxruntime_images_per_s"] = ceiling_images_per_s
                 rows.append(row)
                 cpu = row["server_cpu_us_per_request"]
                 print(f"{name:>16} c={concurrency:<3} b={images:<3} {row['requests_per_s']:9.0f} req/s "
@@ -313,15 +317,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _alternate(targets: dict[str, str], pids: dict[str, int | None], protocol: str, model: str,
                shape: tuple[int, int, int], step: Step, rounds: int, processes: int, metrics_port: int | None,
                ceiling: Callable[[float], float] | None = None,
-               ) -> tuple[dict[str, tuple[StepResult, float, tuple[float, float]]], float | None]:
+               ) -> tuple[dict[str, tuple[StepResult, float, tuple[float, float], list[StepResult]]], list[float]]:
     """Load each target for ``step`` in ``rounds`` alternating slices, each round also timing ``ceiling``.
 
-    Per target: the merged results, the server's CPU seconds while measured, and
-    (images, model calls) from its batch-size metric (zeros where it has none);
-    then the ceiling's mean images/s over the rounds (half a slice each), or None.
+    Per target: the merged results, the server's CPU seconds while measured,
+    (images, model calls) from its batch-size metric (zeros where it has none),
+    and each round's results; then the ceiling's images/s in each round (half a
+    slice each; empty without a ceiling).
     """
     in_process: list[float] = []
     results = {name: StepResult() for name in targets}
+    rounds_of: dict[str, list[StepResult]] = {name: [] for name in targets}
     cpu_seconds = dict.fromkeys(targets, 0.0)
     batches = {name: [0.0, 0.0] for name in targets}
     for round_index in range(rounds):
@@ -335,7 +341,8 @@ def _alternate(targets: dict[str, str], pids: dict[str, int | None], protocol: s
             cpu_at_start: list[float] = []
             timer = threading.Timer(warmup, lambda pid=pid, mark=cpu_at_start: mark.append(_cpu_seconds(pid)))
             timer.start()
-            results[name].append(run_step(address, protocol if served else "oip", model, shape, part, processes))
+            rounds_of[name].append(run_step(address, protocol if served else "oip", model, shape, part, processes))
+            results[name].append(rounds_of[name][-1])
             timer.join()
             cpu_seconds[name] += _cpu_seconds(pid) - cpu_at_start[0]
             after = _batch_totals(metrics_port) if served else (0.0, 0.0)
@@ -343,26 +350,43 @@ def _alternate(targets: dict[str, str], pids: dict[str, int | None], protocol: s
             batches[name][1] += after[1] - before[1]
         if ceiling is not None:
             in_process.append(ceiling(part.duration_s / 2))
-    measured = {name: (results[name], cpu_seconds[name], (batches[name][0], batches[name][1])) for name in targets}
-    return measured, float(np.mean(in_process)) if in_process else None
+    measured = {name: (results[name], cpu_seconds[name], (batches[name][0], batches[name][1]), rounds_of[name])
+                for name in targets}
+    return measured, in_process
+
+
+def _round_summary(step: Step, part: StepResult) -> dict[str, float]:
+    """One round's requests/s, images/s and latency percentiles."""
+    summary = summarize(step, part)
+    return {key: summary[key] for key in ("requests_per_s", "images_per_s", "p50_ms", "p99_ms")}
 
 
 def _ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """convserve against the do-nothing server and ONNX Runtime (timed in the same rounds), step by step."""
+    """convserve against the do-nothing server and ONNX Runtime (timed in the same rounds), step by step,
+    over the whole step and in each of its rounds (how far the rounds spread shows how noisy the machine was)."""
     by_step = {(r["target"], r["concurrency"], r["images_per_request"]): r for r in rows}
     ratios = []
     for (target, concurrency, images), row in by_step.items():
         if target != SERVED:
             continue
-        entry: dict[str, Any] = {"concurrency": concurrency, "images_per_request": images}
         noop = by_step.get((NOOP, concurrency, images))
-        if noop and noop["requests_per_s"]:
-            entry["requests_per_s_vs_noop"] = row["requests_per_s"] / noop["requests_per_s"]
-            entry["p50_vs_noop"] = row["p50_ms"] / noop["p50_ms"]
-            entry["p99_vs_noop"] = row["p99_ms"] / noop["p99_ms"]
-        if row.get("onnxruntime_images_per_s"):
-            entry["images_per_s_vs_onnxruntime"] = row["images_per_s"] / row["onnxruntime_images_per_s"]
+        entry: dict[str, Any] = {"concurrency": concurrency, "images_per_request": images,
+                                 **_step_ratios(row, noop, row.get("onnxruntime_images_per_s"))}
+        if noop is not None:
+            entry["rounds"] = [_step_ratios(part, noop_part, part.get("onnxruntime_images_per_s"))
+                               for part, noop_part in zip(row.get("rounds", []), noop.get("rounds", []))]
         ratios.append(entry)
+    return ratios
+
+
+def _step_ratios(served: dict[str, Any], noop: dict[str, Any] | None, in_process: float | None) -> dict[str, float]:
+    ratios = {}
+    if noop and noop["requests_per_s"]:
+        ratios["requests_per_s_vs_noop"] = served["requests_per_s"] / noop["requests_per_s"]
+        ratios["p50_vs_noop"] = served["p50_ms"] / noop["p50_ms"]
+        ratios["p99_vs_noop"] = served["p99_ms"] / noop["p99_ms"]
+    if in_process:
+        ratios["images_per_s_vs_onnxruntime"] = served["images_per_s"] / in_process
     return ratios
 
 

@@ -137,23 +137,30 @@ def _results_table(rows: list[dict[str, Any]]) -> str:
 
 def _targets_table(report: dict[str, Any]) -> str:
     ratios = {(r["concurrency"], r["images_per_request"]): r for r in report["ratios"]}
-    lines = ["| target | step | measured | bound | met |", "|---|---|---|---|---|"]
+    lines = ["| target | step | measured | rounds, lowest–highest | bound | met |", "|---|---|---|---|---|---|"]
     for target in TARGETS:
-        value = ratios.get((target.concurrency, target.images_per_request), {}).get(target.ratio)
+        entry = ratios.get((target.concurrency, target.images_per_request), {})
+        value = entry.get(target.ratio)
         if value is not None:
             sign = "≥" if target.at_least else "≤"
             lines.append(f"| {target.what} | {target.concurrency} × {target.images_per_request} | {value:.2f} "
-                         f"| {sign} {target.bound} | {'yes' if target.met(value) else 'no'} |")
+                         f"| {_spread(entry, target.ratio)} | {sign} {target.bound} | {'yes' if target.met(value) else 'no'} |")
     memory = report.get("server_memory", {})
     if "rss_growth_percent" in memory:
         peak = max(memory.get("rss_peak_mb", 0.0), memory.get("rss_run_peak_mb", 0.0))
         growth = memory["rss_growth_percent"]
-        lines.append(f"| server memory, peak | all steps and the memory run | {peak:.0f} MB | < {MEMORY_LIMIT_MB:.0f} MB "
+        lines.append(f"| server memory, peak | all steps and the memory run | {peak:.0f} MB | – | < {MEMORY_LIMIT_MB:.0f} MB "
                      f"| {'yes' if peak < MEMORY_LIMIT_MB else 'no'} |")
         lines.append(f"| server memory growth over {memory['memory_run_seconds']:.0f} s | memory run "
-                     f"| {growth:+.1f}% | < {MEMORY_GROWTH_LIMIT_PERCENT:.0f}% "
+                     f"| {growth:+.1f}% | – | < {MEMORY_GROWTH_LIMIT_PERCENT:.0f}% "
                      f"| {'yes' if growth < MEMORY_GROWTH_LIMIT_PERCENT else 'no'} |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _spread(entry: dict[str, Any], ratio: str) -> str:
+    """The lowest and highest value of ``ratio`` among a step's rounds ("–" without rounds)."""
+    values = [part[ratio] for part in entry.get("rounds", []) if ratio in part]
+    return f"{min(values):.2f}–{max(values):.2f}" if values else "–"
 
 
 def _charts(rows: list[dict[str, Any]]) -> list[str]:
