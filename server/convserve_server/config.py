@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from convserve_server.eventloop import CHOICES
+from convserve_server.eventloop import EventLoop
 from convserve_server.runtime import DeviceRequest
 
 
@@ -40,7 +40,7 @@ class ServerConfig(BaseSettings):
                                     "long a request finding the model idle may wait for others to batch with; kept "
                                     "only while such waits gather 4 or more, so a lone caller almost never waits "
                                     "(0: never)")
-    event_loop: str = Field("auto", description="asyncio event loop: auto (uvloop where installed, else asyncio's "
+    event_loop: EventLoop = Field("auto", description="asyncio event loop: auto (uvloop where installed, else asyncio's "
                             "own), uvloop or asyncio")
     max_concurrent_rpcs: int = Field(4096, ge=1, description="RPCs in progress before new ones get RESOURCE_EXHAUSTED")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
@@ -62,13 +62,6 @@ class ServerConfig(BaseSettings):
     @classmethod
     def _check_device(cls, value: str) -> str:
         DeviceRequest.parse(value)
-        return value
-
-    @field_validator("event_loop")
-    @classmethod
-    def _check_event_loop(cls, value: str) -> str:
-        if value not in CHOICES:
-            raise ValueError(f"event_loop must be one of {', '.join(CHOICES)}")
         return value
 
     @field_validator("log_level")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from convserve_server.errors import StartupError
 
-CHOICES = ("auto", "uvloop", "asyncio")
+EventLoop = Literal["auto", "uvloop", "asyncio"]
+CHOICES: tuple[str, ...] = get_args(EventLoop)
 Result = TypeVar("Result")
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import pytest
@@ -51,6 +52,13 @@ def test_bad_steps_are_a_one_line_error(tiny_repo, capsys):
     assert "--rounds" in capsys.readouterr().err
     with pytest.raises(ValueError):
         parse_steps("0x1")
+
+
+def test_asking_for_uvloop_where_it_is_missing_is_a_one_line_error(tiny_repo, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    assert main(["--model-repository", str(tiny_repo), "--event-loop", "uvloop"]) == 2
+    assert capsys.readouterr().err.strip() == ("convserve-bench: error: --event-loop uvloop: uvloop is not installed "
+                                               "(pip install uvloop)")
 
 
 def test_a_server_that_cannot_start_is_a_one_line_error_at_once(tiny_repo, tmp_path, capsys):

@@ -33,6 +33,7 @@ from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server import eventloop
 from convserve_server.bench.loadgen import Step, StepResult, run_step, summarize
 from convserve_server.bench.report import NOOP, SERVED, describe_machine, markdown, write_plot
+from convserve_server.errors import StartupError
 from convserve_server.repository import scan_repository
 
 _PROG = "convserve-bench"
@@ -213,7 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps = parse_steps(args.steps)
         if args.rounds < 1:
             raise ValueError("--rounds must be at least 1")
-    except ValueError as exc:
+        event_loop = eventloop.loop_name(eventloop.loop_factory(args.event_loop))
+    except (ValueError, StartupError) as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)
         return 2
     children: list[_Child] = []
@@ -291,8 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             concurrency = max(c for c, _ in steps)
             memory.update(memory_growth(address, args.protocol, model, shape, server_pid, concurrency,
                                         args.memory_seconds, args.processes))
-        machine = {**describe_machine(), "event_loop": eventloop.loop_name(eventloop.loop_factory(args.event_loop))}
-        report = {"machine": machine, "steps": rows,
+        report = {"machine": {**describe_machine(), "event_loop": event_loop}, "steps": rows,
                   "onnxruntime_images_per_s": {images: float(np.mean(values)) for images, values in ceilings.items()},
                   "server_memory": memory, "ratios": _ratios(rows)}
         args.output.mkdir(parents=True, exist_ok=True)
