@@ -4,7 +4,7 @@ Every update happens on the event loop's thread (the servicers' wrapper and the
 batcher's callbacks), so the values are plain counters in lists and dicts,
 exported by a collector when ``/metrics`` is scraped.  ``prometheus_client``'s
 own metric objects take a lock for each of the dozen updates a request makes:
-7.7 µs of the loop's time per request on a slow host (1.7 µs here), and the
+7.7 µs of the loop's time per request on a slow host (1.7 µs with these), and the
 loop's time is what bounds the requests per second.
 """
 
