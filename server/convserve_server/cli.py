@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import multiprocessing
+import multiprocessing.connection
 import signal
 import sys
 from typing import Sequence
@@ -47,8 +48,12 @@ def _freeze_startup_heap() -> None:
     log.info("%d objects built at startup exempt from garbage collection", gc.get_freeze_count())
 
 
-def _run_worker(config: ServerConfig) -> int:
+def _configure_logging(config: ServerConfig) -> None:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+
+
+def _run_worker(config: ServerConfig) -> int:
+    _configure_logging(config)
     try:
         factory = eventloop.loop_factory(config.event_loop)
         log.info("event loop: %s", eventloop.loop_name(factory))
@@ -60,22 +65,43 @@ def _run_worker(config: ServerConfig) -> int:
 
 
 def _run_workers(config: ServerConfig) -> int:
-    """Several server processes on one port (SO_REUSEPORT); the kernel spreads connections."""
+    """Several server processes on one port (SO_REUSEPORT); the kernel spreads connections.
+
+    Worker i serves its metrics on the metrics port + i.  If a worker exits with an
+    error (it could not start, or it crashed), the others are stopped too and the
+    command exits with that status, so that a supervisor sees the failure and
+    restarts the whole server rather than it running on quietly with fewer workers.
+    """
+    _configure_logging(config)
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker_entry, args=(config,), name=f"worker-{i}") for i in range(config.workers)]
+    workers = [context.Process(target=_worker_entry, args=(config.for_worker(i),), name=f"worker-{i}")
+               for i in range(config.workers)]
     for worker in workers:
         worker.start()
 
     def forward(signum: int, frame: object) -> None:
-        for worker in workers:
-            if worker.pid is not None and worker.is_alive():
-                worker.terminate()  # SIGTERM: each worker drains on its own
+        _stop(workers)  # SIGTERM: each worker drains on its own
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    status = 0
+    running = list(workers)
+    while running:
+        ended = multiprocessing.connection.wait([worker.sentinel for worker in running])
+        for worker in [worker for worker in running if worker.sentinel in ended]:
+            worker.join()
+            running.remove(worker)
+            if worker.exitcode and not status:
+                status = worker.exitcode if worker.exitcode > 0 else 1  # negative: killed by a signal
+                log.error("%s exited with status %d; stopping the other workers", worker.name, worker.exitcode)
+                _stop(running)
+    return status
+
+
+def _stop(workers: list[multiprocessing.process.BaseProcess]) -> None:
     for worker in workers:
-        worker.join()
-    return max((worker.exitcode or 0) for worker in workers)
+        if worker.pid is not None and worker.is_alive():
+            worker.terminate()
 
 
 def _worker_entry(config: ServerConfig) -> None:

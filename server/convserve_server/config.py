@@ -46,7 +46,8 @@ class ServerConfig(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: its default)")
     metrics_host: str = Field("0.0.0.0", description="address of the Prometheus metrics endpoint")
-    metrics_port: int = Field(8501, ge=-1, le=65535, description="Prometheus metrics port (0 picks a free one, -1 disables)")
+    metrics_port: int = Field(8501, ge=-1, le=65535, description="Prometheus metrics port (0 picks a free one, -1 "
+                              "disables); with several workers, worker i serves its own on this port + i")
     versions_per_model: int = Field(1, ge=1, description="newest versions of each model kept loaded")
     poll_interval_s: float = Field(2.0, ge=0, description="how often to look for new model versions (0: never)")
     grace_period_s: float = Field(10.0, gt=0, description="on SIGTERM, time allowed to answer accepted requests")
@@ -70,6 +71,19 @@ class ServerConfig(BaseSettings):
         if value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError("log_level must be DEBUG, INFO, WARNING or ERROR")
         return value.upper()
+
+    @model_validator(mode="after")
+    def _check_worker_metrics_ports(self) -> ServerConfig:
+        if self.metrics_port > 0 and self.metrics_port + self.workers - 1 > 65535:
+            raise ValueError(f"{self.workers} workers need metrics ports {self.metrics_port}.."
+                             f"{self.metrics_port + self.workers - 1}, past 65535")
+        return self
+
+    def for_worker(self, index: int) -> ServerConfig:
+        """The configuration of worker ``index`` of several: its own metrics port, so that each can be scraped."""
+        if self.metrics_port <= 0:
+            return self
+        return self.model_copy(update={"metrics_port": self.metrics_port + index})
 
     @model_validator(mode="after")
     def _check_tls(self) -> ServerConfig:

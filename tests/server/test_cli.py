@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -21,7 +22,7 @@ from convserve_server.errors import StartupError
 from convserve_server.runtime import CUDA, DeviceRequest, OnnxModel
 
 from tests.models import tiny_model, write_version
-from tests.process import free_port, wait_until_ready
+from tests.process import ServerProcess, free_port, wait_until_ready
 
 
 def serve(*args: str) -> subprocess.Popen[str]:
@@ -61,6 +62,7 @@ def test_bad_flag_values_are_one_line_errors(tmp_path):
     assert "device" in one_line_error(serve("--device", "tpu"))
     assert "max_batch_size" in one_line_error(serve("--max-batch-size", "0"))
     assert "event_loop" in one_line_error(serve("--event-loop", "trio"))
+    assert "3 workers need metrics ports 65534..65536" in one_line_error(serve("--workers", "3", "--metrics-port", "65534"))
 
 
 def test_busy_ports_are_one_line_errors(tiny_repo):
@@ -73,6 +75,38 @@ def test_busy_ports_are_one_line_errors(tiny_repo):
         assert f"cannot listen on 127.0.0.1:{port}" in one_line_error(serve(*common, "--port", port))
         error = one_line_error(serve(*common, "--port", "0", "--metrics-port", port))
         assert f"cannot serve metrics on 127.0.0.1:{port}" in error and "in use" in error
+
+
+def test_workers_share_the_grpc_port_and_each_serves_its_own_metrics(tiny_repo):
+    request = pb.ModelInferRequest(model_name="tiny")
+    request.inputs.add(name="image", datatype="FP32", shape=[1, 8, 8, 3])
+    request.raw_input_contents.append(np.zeros((1, 8, 8, 3), "<f4").tobytes())
+    with ServerProcess(tiny_repo, "--workers", "2") as server:
+        for _ in range(8):  # one connection each: the kernel spreads connections, not requests
+            with grpc.insecure_channel(server.address) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                for _ in range(5):
+                    assert len(stub.ModelInfer(request, timeout=10).outputs) == 1
+        answered = 'convserve_requests_total{code="OK",method="ModelInfer",model="tiny"}'
+        per_worker = [metric_at(server.metrics_port + worker, answered) for worker in range(2)]
+    assert sum(per_worker) == 40, per_worker  # every request counted once, by the worker that answered it
+
+
+def test_a_worker_that_cannot_start_stops_the_others_and_the_command_fails(tiny_repo):
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        second_workers_port = taken.getsockname()[1]
+        process = serve("--model-repository", str(tiny_repo), "--device", "cpu", "--host", "127.0.0.1",
+                        "--port", "0", "--workers", "2", "--metrics-port", str(second_workers_port - 1))
+        error = one_line_error(process)  # it exits: the worker that started is stopped too
+    assert any(f"cannot serve metrics on 0.0.0.0:{port}" in error for port in (second_workers_port - 1, second_workers_port))
+
+
+def metric_at(port: int, sample: str) -> float:
+    """One sample's value on the /metrics page at ``port`` (0 if absent)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " "))
 
 
 def cuda_works() -> bool:
