@@ -45,6 +45,18 @@ def test_bench_reports_both_targets_ratios_memory_a_plot_and_markdown(tiny_repo,
     assert summary.count("xychart-beta") == 2  # requests/s and p99 for the single-image levels
 
 
+def test_with_several_workers_cpu_memory_and_batches_cover_every_worker(tiny_repo, tmp_path):
+    output = tmp_path / "results"
+    status = main(["--model-repository", str(tiny_repo), "--server-args", "--workers 2", "--steps", "2x1",
+                   "--duration", "0.6", "--warmup", "0.2", "--rounds", "1", "--memory-seconds", "0", "--no-ceilings",
+                   "--output", str(output)])
+    assert status == 0
+    [row] = json.loads((output / "bench.json").read_text())["steps"]
+    # The parent process only waits: the CPU and the batches are the workers', whichever got the connection.
+    assert row["server_cpu_us_per_request"] > 20
+    assert 1 <= row["mean_batch_size"] <= 2
+
+
 def test_bad_steps_are_a_one_line_error(tiny_repo, capsys):
     assert main(["--model-repository", str(tiny_repo), "--steps", "32"]) == 2
     assert "CONCURRENCYxIMAGES" in capsys.readouterr().err

@@ -33,6 +33,7 @@ from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server import eventloop
 from convserve_server.bench.loadgen import Step, StepResult, run_step, summarize
 from convserve_server.bench.report import NOOP, SERVED, describe_machine, markdown, write_plot
+from convserve_server.config import load_config
 from convserve_server.errors import StartupError
 from convserve_server.repository import scan_repository
 
@@ -81,32 +82,68 @@ def _wait_ready(address: str, timeout_s: float, child: _Child | None = None) -> 
     raise BenchError(f"no server ready at {address} after {timeout_s:.0f} s")
 
 
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and every process below it: with ``--workers N`` the server's workers are its children."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # it exited meanwhile
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, pending = [], [pid]
+    while pending:
+        tree.append(pending.pop())
+        pending.extend(children.get(tree[-1], []))
+    return tree
+
+
 def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of a process and the processes below it."""
+    total = 0.0
+    for member in _process_tree(pid):
+        try:
+            lines = Path(f"/proc/{member}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) / 1024 for line in lines if line.startswith("VmRSS:"))
+    return total
 
 
 def _cpu_seconds(pid: int | None) -> float:
-    """User plus system CPU time of a process and its threads so far (0 if unknown)."""
+    """User plus system CPU time so far of a process, its threads and the processes below it (0 if unknown)."""
     if pid is None:
         return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0
+    for member in _process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
-def _batch_totals(metrics_port: int | None) -> tuple[float, float]:
-    """(images, model calls) so far, from the server's batch-size histogram."""
-    if metrics_port is None:
-        return (0.0, 0.0)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+def _batch_totals(metrics_ports: list[int]) -> tuple[float, float]:
+    """(images, model calls) so far, from the batch-size histograms of every worker's metrics port."""
     total = {"sum": 0.0, "count": 0.0}
-    for line in text.splitlines():
-        for key in total:
-            if line.startswith(f"convserve_batch_size_{key}{{"):
-                total[key] += float(line.rsplit(" ", 1)[1])
+    for port in metrics_ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        for line in text.splitlines():
+            for key in total:
+                if line.startswith(f"convserve_batch_size_{key}{{"):
+                    total[key] += float(line.rsplit(" ", 1)[1])
     return total["sum"], total["count"]
+
+
+def _workers(server_args: list[str]) -> int:
+    """How many worker processes ``convserve-serve`` runs with these flags (and the environment)."""
+    try:
+        return load_config(server_args).workers
+    except ValueError:
+        return 1  # the server itself will refuse these flags, in its own words
 
 
 def _model_shape(address: str, model: str) -> tuple[tuple[int, int, int], str]:
@@ -220,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     children: list[_Child] = []
     server_pid: int | None = None
-    metrics_port: int | None = None
+    metrics_ports: list[int] = []
     model_path: Path | None = None
     try:
         if args.model_repository is not None:
@@ -230,9 +267,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             model_path = found[args.model or next(iter(found))][-1].path
             port, metrics_port = _free_port(), _free_port()
+            server_args = args.server_args.split()
+            metrics_ports = [metrics_port + worker for worker in range(_workers(server_args))]
             server = _start(["convserve_server", "--model-repository", str(args.model_repository), "--host", "127.0.0.1",
                              "--port", str(port), "--metrics-port", str(metrics_port), "--poll-interval-s", "0",
-                             "--event-loop", args.event_loop, *args.server_args.split()])
+                             "--event-loop", args.event_loop, *server_args])
             children.append(server)
             server_pid = server.process.pid
             address = f"127.0.0.1:{port}"
@@ -260,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if model_path is not None and not args.no_ceilings:
                 ceiling = functools.partial(onnxruntime_ceiling, model_path, shape, images, threads=0)
             measured, in_process_rounds = _alternate(targets, pids, args.protocol, model, shape, step, args.rounds,
-                                                     args.processes, metrics_port, ceiling)
+                                                     args.processes, metrics_ports, ceiling)
             in_process = float(np.mean(in_process_rounds)) if in_process_rounds else None
             if in_process is not None:
                 ceilings.setdefault(str(images), []).append(in_process)
@@ -272,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row["rounds"] = [_round_summary(step, part) for part in rounds]
                 known = row["requests"] and pids.get(name) is not None
                 row["server_cpu_us_per_request"] = 1e6 * cpu_seconds / row["requests"] if known else None
-                if name == SERVED and metrics_port is not None:
+                if name == SERVED and metrics_ports:
                     row["mean_batch_size"] = batched_images / calls if calls else float("nan")
                     if server_pid is not None:
                         rss = _rss_mb(server_pid)
@@ -316,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _alternate(targets: dict[str, str], pids: dict[str, int | None], protocol: str, model: str,
-               shape: tuple[int, int, int], step: Step, rounds: int, processes: int, metrics_port: int | None,
+               shape: tuple[int, int, int], step: Step, rounds: int, processes: int, metrics_ports: list[int],
                ceiling: Callable[[float], float] | None = None,
                ) -> tuple[dict[str, tuple[StepResult, float, tuple[float, float], list[StepResult]]], list[float]]:
     """Load each target for ``step`` in ``rounds`` alternating slices, each round also timing ``ceiling``.
@@ -338,7 +377,7 @@ def _alternate(targets: dict[str, str], pids: dict[str, int | None], protocol: s
         for name, address in targets.items():
             served = name == SERVED
             pid = pids.get(name)
-            before = _batch_totals(metrics_port) if served else (0.0, 0.0)
+            before = _batch_totals(metrics_ports) if served else (0.0, 0.0)
             cpu_at_start: list[float] = []
             timer = threading.Timer(warmup, lambda pid=pid, mark=cpu_at_start: mark.append(_cpu_seconds(pid)))
             timer.start()
@@ -346,7 +385,7 @@ def _alternate(targets: dict[str, str], pids: dict[str, int | None], protocol: s
             results[name].append(rounds_of[name][-1])
             timer.join()
             cpu_seconds[name] += _cpu_seconds(pid) - cpu_at_start[0]
-            after = _batch_totals(metrics_port) if served else (0.0, 0.0)
+            after = _batch_totals(metrics_ports) if served else (0.0, 0.0)
             batches[name][0] += after[0] - before[0]
             batches[name][1] += after[1] - before[1]
         if ceiling is not None:
