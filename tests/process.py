@@ -144,8 +144,8 @@ class ServerProcess:
                 return int(line.split()[1]) / 1024
         raise AssertionError("no VmRSS line")
 
-    def metric(self, name: str) -> float:
-        """Sum of the samples called exactly ``name`` (with labels) on /metrics."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+    def metric(self, name: str, worker: int = 0) -> float:
+        """Sum of the samples called exactly ``name`` (with labels) on /metrics of worker ``worker`` (with --workers)."""
+        url = f"http://127.0.0.1:{self.metrics_port + worker}/metrics"
         text = urllib.request.urlopen(url, timeout=5).read().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))

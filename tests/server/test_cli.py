@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -88,7 +87,7 @@ def test_workers_share_the_grpc_port_and_each_serves_its_own_metrics(tiny_repo):
                 for _ in range(5):
                     assert len(stub.ModelInfer(request, timeout=10).outputs) == 1
         answered = 'convserve_requests_total{code="OK",method="ModelInfer",model="tiny"}'
-        per_worker = [metric_at(server.metrics_port + worker, answered) for worker in range(2)]
+        per_worker = [server.metric(answered, worker) for worker in range(2)]
     assert sum(per_worker) == 40, per_worker  # every request counted once, by the worker that answered it
 
 
@@ -101,12 +100,6 @@ def test_a_worker_that_cannot_start_stops_the_others_and_the_command_fails(tiny_
                         "--port", "0", "--workers", "2", "--metrics-port", str(second_workers_port - 1))
         error = one_line_error(process)  # it exits: the worker that started is stopped too
     assert any(f"cannot serve metrics on 0.0.0.0:{port}" in error for port in (second_workers_port - 1, second_workers_port))
-
-
-def metric_at(port: int, sample: str) -> float:
-    """One sample's value on the /metrics page at ``port`` (0 if absent)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample + " "))
 
 
 def cuda_works() -> bool:
