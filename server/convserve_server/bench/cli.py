@@ -101,15 +101,16 @@ def _process_tree(pid: int) -> list[int]:
 
 
 def _rss_mb(pid: int) -> float:
-    """Resident memory of a process and the processes below it."""
-    total = 0.0
+    """Resident memory of a process and the processes below it (NaN once it has exited, never a reassuring 0)."""
+    total, read = 0.0, False
     for member in _process_tree(pid):
         try:
             lines = Path(f"/proc/{member}/status").read_text().splitlines()
         except OSError:
             continue
+        read = True
         total += sum(int(line.split()[1]) / 1024 for line in lines if line.startswith("VmRSS:"))
-    return total
+    return total if read else float("nan")
 
 
 def _cpu_seconds(pid: int | None) -> float:
