@@ -12,7 +12,9 @@ refusing requests while the model computes.  When a full batch is already
 queued while one computes, it is handed to the worker at once, so the model
 runs batches back to back instead of idling while the loop wakes to send the
 next (it could not grow anyway); a request whose deadline passes or whose
-caller gives up meanwhile is still dropped before compute.
+caller gives up meanwhile is still dropped before compute.  With several model
+``instances`` (worker threads), full batches start on each while the others
+compute, and one more waits behind them.
 
 A request that finds the model idle, nothing queued, no queue delay set and
 its compute within the inline budget is run by its caller at once: waking the
@@ -132,7 +134,9 @@ class DynamicBatcher:
     ``run_under_load``, if given, replaces ``run_batch`` for a batch run while
     the server is busy (one queued on the worker behind another, or held to
     gather requests under load): the model may then do better leaving a core to
-    the loop (see ``OnnxModel.run_under_load``).
+    the loop (see ``OnnxModel.run_under_load``).  ``instances`` batches may
+    compute at once, so ``executor`` should have that many threads, and both
+    callables must be safe to call from that many threads at once.
     """
 
     def __init__(
@@ -142,6 +146,7 @@ class DynamicBatcher:
         *,
         run_under_load: Callable[[np.ndarray], np.ndarray] | None = None,
         max_batch_size: int,
+        instances: int = 1,
         max_queue_delay_s: float = 0.0,
         max_queue_size: int = 1024,
         inline_budget_s: float = 0.0,
@@ -150,6 +155,8 @@ class DynamicBatcher:
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be an integer >= 1")
+        if instances < 1:
+            raise ValueError("instances must be an integer >= 1")
         if max_queue_size < 1:
             raise ValueError("max_queue_size must be an integer >= 1")
         if max_queue_delay_s < 0:
@@ -160,6 +167,7 @@ class DynamicBatcher:
         self._run_under_load = run_under_load or run_batch
         self._executor = executor
         self._max_batch_size = max_batch_size
+        self._instances = instances  # batches that may compute at once; the executor has as many threads
         self._max_queue_delay_s = max_queue_delay_s
         self._max_queue_size = max_queue_size
         self._inline_budget_s = inline_budget_s
@@ -250,8 +258,9 @@ class DynamicBatcher:
             for task in [task for task in tasks if task.done()]:
                 tasks.discard(task)
                 task.result()  # re-raises a failure, so that the batcher stops loudly
-            if self._on_worker and not (self._on_worker == 1 and self._queued_rows >= self._max_batch_size):
-                # Let the next batch grow while this one computes; a full one goes behind it at once.
+            if self._on_worker and not (self._on_worker <= self._instances and self._queued_rows >= self._max_batch_size):
+                # Let the next batch grow while others compute; a full one starts on a free instance, or
+                # waits behind the busy ones, at once.
                 self._worker_wake.clear()
                 await self._worker_wake.wait()
                 continue

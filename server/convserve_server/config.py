@@ -43,6 +43,10 @@ class ServerConfig(BaseSettings):
     event_loop: EventLoop = Field("auto", description="asyncio event loop: auto (uvloop where installed, else asyncio's "
                             "own), uvloop or asyncio")
     max_concurrent_rpcs: int = Field(4096, ge=1, description="RPCs in progress before new ones get RESOURCE_EXHAUSTED")
+    model_instances: int = Field(2, ge=1, le=64, description="batches of one model that may compute at once, each "
+                                 "on its own worker thread (like Triton's instance count); a further one starts only "
+                                 "while a full batch waits, and on the CPU the intra-op threads of batches run under "
+                                 "load are shared out among them")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: its default)")
     metrics_host: str = Field("0.0.0.0", description="address of the Prometheus metrics endpoint")

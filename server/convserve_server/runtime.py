@@ -95,7 +95,8 @@ def _create_session(path: Path, device: DeviceRequest, options: ort.SessionOptio
 
 
 class OnnxModel:
-    """A loaded, checked model version; ``run`` is safe to call from one thread at a time."""
+    """A loaded, checked model version; ``run`` and ``run_under_load`` may be called from several threads at once
+    (an ONNX Runtime session allows concurrent runs)."""
 
     def __init__(
         self, path: Path, session: ort.InferenceSession, card: ModelCard,
@@ -115,7 +116,7 @@ class OnnxModel:
     @classmethod
     def load(
         cls, path: Path, device: DeviceRequest, intra_op_threads: int = 0, inter_op_threads: int = 0,
-        small_batch_rows: int = 0,
+        small_batch_rows: int = 0, instances: int = 1,
     ) -> OnnxModel:
         """Load and check a model file; :class:`StartupError` says in one line what is wrong.
 
@@ -123,7 +124,8 @@ class OnnxModel:
         single-threaded session: for a handful of images, handing work to the
         intra-op thread pool and waking its sleeping threads costs more than it saves.
         Larger batches run while the server is busy (see :meth:`run_under_load`) get
-        a session with one intra-op thread fewer than ``intra_op_threads`` (or the cores).
+        a session with one intra-op thread fewer than ``intra_op_threads`` (or the cores),
+        shared out among the ``instances`` batches that may run at once (one at least).
         """
         if not path.is_file():
             raise StartupError(f"{path}: no such model file")
@@ -151,7 +153,7 @@ class OnnxModel:
 
             if small_batch_rows > 0:
                 small_batch_session = session_with(1)
-            under_load_session = session_with(max(1, (intra_op_threads or _usable_cores()) - 1))
+            under_load_session = session_with(max(1, ((intra_op_threads or _usable_cores()) - 1) // instances))
         model = cls(path, session, card, small_batch_session, small_batch_rows, under_load_session)
         log.info("loaded %s (%s v%s, %d labels) on %s", path, card.model_name, card.model_version,
                  len(card.labels), model.provider)

@@ -233,6 +233,50 @@ def test_rejects_bad_settings(executor):
         DynamicBatcher(lambda b: b, executor, max_batch_size=1, max_queue_size=0)
     with pytest.raises(ValueError, match="inline_budget_s"):
         DynamicBatcher(lambda b: b, executor, max_batch_size=1, inline_budget_s=-1)
+    with pytest.raises(ValueError, match="instances must be an integer >= 1"):
+        DynamicBatcher(lambda b: b, executor, max_batch_size=1, instances=0)
+
+
+class ConcurrentModel:
+    """Doubles its input; counts the calls computing at once, each held until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.inside = 0
+        self.most_inside = 0
+        self.calls: list[list[float]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        with self._lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            self.calls.append(batch[:, 0].tolist())
+        self.release.wait(timeout=10)
+        with self._lock:
+            self.inside -= 1
+        return batch * 2
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+async def test_full_batches_compute_at_once_on_each_instance_and_one_more_waits_behind_them(instances):
+    model = ConcurrentModel()
+    with ThreadPoolExecutor(max_workers=instances) as pool:
+        batcher = DynamicBatcher(model, pool, max_batch_size=2, instances=instances)
+        batcher.start()
+        requests = [asyncio.ensure_future(batcher.submit(rows(2 * i, 2 * i + 1))) for i in range(instances + 2)]
+        await wait_until(lambda: model.inside == instances)
+        # One full batch more is taken to wait on the worker; the last stays queued, free to be dropped.
+        await wait_until(lambda: batcher.queue_depth == 1)
+        await asyncio.sleep(0.05)
+        assert model.inside == instances and batcher.queue_depth == 1
+        model.release.set()
+        results = await asyncio.gather(*requests)
+        await batcher.close()
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result, rows(4 * i, 4 * i + 2))
+    assert model.most_inside == instances
+    assert sorted(model.calls) == [[2 * i, 2 * i + 1] for i in range(instances + 2)]
 
 
 async def test_batches_expected_to_be_quick_run_on_the_loop_thread_and_slow_ones_on_the_worker(executor):

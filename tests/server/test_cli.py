@@ -60,6 +60,7 @@ def test_model_without_card_is_refused(tmp_path):
 def test_bad_flag_values_are_one_line_errors(tmp_path):
     assert "device" in one_line_error(serve("--device", "tpu"))
     assert "max_batch_size" in one_line_error(serve("--max-batch-size", "0"))
+    assert "model_instances" in one_line_error(serve("--model-instances", "0"))
     assert "event_loop" in one_line_error(serve("--event-loop", "trio"))
     assert "3 workers need metrics ports 65534..65536" in one_line_error(serve("--workers", "3", "--metrics-port", "65534"))
 

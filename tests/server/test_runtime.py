@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -33,6 +34,19 @@ def test_batches_run_under_load_leave_one_core_to_the_loop_with_the_same_results
     assert threads == {"_session": 3, "_under_load_session": 2, "_small_batch_session": 1}
     batch = np.random.default_rng(2).random((8, *model.input_shape), dtype=np.float32)
     np.testing.assert_allclose(model.run_under_load(batch), model.run(batch), atol=1e-6)
+
+
+def test_instances_share_out_the_threads_of_batches_run_under_load_and_may_run_at_once(tiny_repo):
+    model = OnnxModel.load(tiny_repo / "tiny/1/model.onnx", DeviceRequest("cpu"), intra_op_threads=5,
+                           small_batch_rows=0, instances=2)
+    assert model._under_load_session.get_session_options().intra_op_num_threads == 2  # (5 - 1) // 2
+    batches = [np.random.default_rng(seed).random((16, *model.input_shape), dtype=np.float32) for seed in range(8)]
+    alone = [model.run_under_load(batch) for batch in batches]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for _ in range(5):
+            together = list(pool.map(model.run_under_load, batches))
+            for expected, got in zip(alone, together):
+                np.testing.assert_array_equal(got, expected)
 
 
 def test_on_two_threads_batches_run_under_load_share_the_single_threaded_session(tiny_repo):

@@ -233,6 +233,18 @@ async def test_request_larger_than_max_batch_is_split_and_reassembled(tiny_repo,
     assert metric(server, 'convserve_batch_size_count{model="tiny"}') == 3
 
 
+async def test_two_model_instances_answer_every_caller_with_its_own_rows(tiny_repo, start_server):
+    server = await start_server(tiny_repo, max_batch_size=4, model_instances=2)
+    batches = [images(4 + i % 9, seed=i) for i in range(24)]  # full batches queue while others compute
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+        stub = pb_grpc.GRPCInferenceServiceStub(chan)
+        responses = await asyncio.gather(*(stub.ModelInfer(infer_request(b)) for b in batches))
+    for batch, response in zip(batches, responses):
+        result = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(len(batch), -1)
+        np.testing.assert_allclose(result, reference(tiny_repo / "tiny/1/model.onnx", batch), atol=1e-6)
+    assert metric(server, 'convserve_batch_size_sum{model="tiny"}') == sum(len(b) for b in batches)
+
+
 async def test_full_queue_answers_resource_exhausted_at_once(tiny_repo, start_server):
     server = await start_server(tiny_repo, max_queue_size=2, max_queue_delay_us=2_000_000)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
