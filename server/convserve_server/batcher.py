@@ -258,7 +258,8 @@ class DynamicBatcher:
             for task in [task for task in tasks if task.done()]:
                 tasks.discard(task)
                 task.result()  # re-raises a failure, so that the batcher stops loudly
-            if self._on_worker and not (self._on_worker <= self._instances and self._queued_rows >= self._max_batch_size):
+            full_batch_queued = self._queued_rows >= self._max_batch_size
+            if self._on_worker and not (full_batch_queued and self._on_worker <= self._instances):
                 # Let the next batch grow while others compute; a full one starts on a free instance, or
                 # waits behind the busy ones, at once.
                 self._worker_wake.clear()
