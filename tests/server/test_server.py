@@ -209,15 +209,20 @@ async def test_classify_rejects_empty_nonfinite_and_bad_top_k(channel):
     assert len((await stub.Classify(classify_request(images(2)))).results) == 2
 
 
-async def test_concurrent_requests_share_model_calls_and_each_caller_gets_its_rows(tiny_repo, start_server):
-    server = await start_server(tiny_repo, max_queue_delay_us=200_000, max_batch_size=64)
-    batches = [images(i + 1, seed=i) for i in range(12)]
+async def send_at_once_and_check_each_caller_gets_its_rows(server, tiny_repo, batches: list[np.ndarray]) -> None:
+    """Send every batch at once, each as one request; each answer must be its own batch's probabilities."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
         stub = pb_grpc.GRPCInferenceServiceStub(chan)
         responses = await asyncio.gather(*(stub.ModelInfer(infer_request(b)) for b in batches))
     for batch, response in zip(batches, responses):
         result = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(len(batch), -1)
         np.testing.assert_allclose(result, reference(tiny_repo / "tiny/1/model.onnx", batch), atol=1e-6)
+
+
+async def test_concurrent_requests_share_model_calls_and_each_caller_gets_its_rows(tiny_repo, start_server):
+    server = await start_server(tiny_repo, max_queue_delay_us=200_000, max_batch_size=64)
+    batches = [images(i + 1, seed=i) for i in range(12)]
+    await send_at_once_and_check_each_caller_gets_its_rows(server, tiny_repo, batches)
     model_calls = metric(server, 'convserve_batch_size_count{model="tiny"}')
     assert 1 <= model_calls < len(batches)
     assert metric(server, 'convserve_batch_size_sum{model="tiny"}') == sum(len(b) for b in batches)
@@ -236,12 +241,7 @@ async def test_request_larger_than_max_batch_is_split_and_reassembled(tiny_repo,
 async def test_two_model_instances_answer_every_caller_with_its_own_rows(tiny_repo, start_server):
     server = await start_server(tiny_repo, max_batch_size=4, model_instances=2)
     batches = [images(4 + i % 9, seed=i) for i in range(24)]  # full batches queue while others compute
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
-        stub = pb_grpc.GRPCInferenceServiceStub(chan)
-        responses = await asyncio.gather(*(stub.ModelInfer(infer_request(b)) for b in batches))
-    for batch, response in zip(batches, responses):
-        result = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(len(batch), -1)
-        np.testing.assert_allclose(result, reference(tiny_repo / "tiny/1/model.onnx", batch), atol=1e-6)
+    await send_at_once_and_check_each_caller_gets_its_rows(server, tiny_repo, batches)
     assert metric(server, 'convserve_batch_size_sum{model="tiny"}') == sum(len(b) for b in batches)
 
 
