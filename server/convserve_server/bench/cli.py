@@ -83,7 +83,11 @@ def _wait_ready(address: str, timeout_s: float, child: _Child | None = None) -> 
 
 
 def _process_tree(pid: int) -> list[int]:
-    """``pid`` and every process below it: with ``--workers N`` the server's workers are its children."""
+    """``pid`` and every process below it: with ``--workers N`` the server's workers are its children.
+
+    Read once, when the server is ready (its workers are all started by then), so that measuring does not
+    scan ``/proc`` on the loaded machine.
+    """
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -100,10 +104,10 @@ def _process_tree(pid: int) -> list[int]:
     return tree
 
 
-def _rss_mb(pid: int) -> float:
-    """Resident memory of a process and the processes below it (NaN once it has exited, never a reassuring 0)."""
+def _rss_mb(pids: list[int]) -> float:
+    """Resident memory of a server's processes (NaN once they have exited, never a reassuring 0)."""
     total, read = 0.0, False
-    for member in _process_tree(pid):
+    for member in pids:
         try:
             lines = Path(f"/proc/{member}/status").read_text().splitlines()
         except OSError:
@@ -113,12 +117,10 @@ def _rss_mb(pid: int) -> float:
     return total if read else float("nan")
 
 
-def _cpu_seconds(pid: int | None) -> float:
-    """User plus system CPU time so far of a process, its threads and the processes below it (0 if unknown)."""
-    if pid is None:
-        return 0.0
+def _cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time so far of a server's processes and their threads (0 if none are known)."""
     total = 0
-    for member in _process_tree(pid):
+    for member in pids:
         try:
             fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -171,24 +173,25 @@ def onnxruntime_ceiling(model_path: Path, shape: tuple[int, int, int], batch: in
     return runs * batch / (time.monotonic() - started)
 
 
-def memory_growth(address: str, protocol: str, model: str, shape: tuple[int, int, int], pid: int,
+def memory_growth(address: str, protocol: str, model: str, shape: tuple[int, int, int], pids: list[int],
                   concurrency: int, seconds: float, processes: int) -> dict[str, float]:
-    """Resident memory of the server before and after ``seconds`` of single-image load, sampled each second."""
+    """Resident memory of the server's processes ``pids`` before and after ``seconds`` of single-image load,
+    sampled each second."""
     samples: list[float] = []
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(1.0):
-            samples.append(_rss_mb(pid))
+            samples.append(_rss_mb(pids))
 
     run_step(address, protocol, model, shape, Step(concurrency, 1, 2.0, 0.0), processes)  # settle first
-    before = _rss_mb(pid)
+    before = _rss_mb(pids)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     result = run_step(address, protocol, model, shape, Step(concurrency, 1, seconds, 0.0), processes)
     stop.set()
     sampler.join()
-    after = _rss_mb(pid)
+    after = _rss_mb(pids)
     print(f"{'memory':>16} c={concurrency:<3} {seconds:.0f} s: RSS {before:.1f} -> {after:.1f} MB "
           f"(peak {max(samples, default=after):.1f}), {len(result.latencies_s)} requests, errors {dict(result.errors)}")
     return {"memory_run_seconds": seconds, "memory_run_requests": len(result.latencies_s),
@@ -281,14 +284,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _wait_ready(address, args.ready_timeout, children[0] if children else None)
         shape, model = _model_shape(address, args.model)
         targets = {SERVED: address}
-        pids: dict[str, int | None] = {SERVED: server_pid}
+        server_pids = _process_tree(server_pid) if server_pid is not None else []
+        pids: dict[str, list[int]] = {SERVED: server_pids}
         if not args.no_ceilings:
             noop_port = _free_port()
             children.append(_start(["convserve_server.bench.noop_server", "--port", str(noop_port),
                                     "--event-loop", args.event_loop]))
             targets[NOOP] = f"127.0.0.1:{noop_port}"
-            pids[NOOP] = children[-1].process.pid
             _wait_ready(targets[NOOP], args.ready_timeout, children[-1])
+            pids[NOOP] = _process_tree(children[-1].process.pid)
 
         rows: list[dict[str, Any]] = []
         memory: dict[str, float] = {}
@@ -310,12 +314,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = summarize(step, result)
                 row["target"] = name
                 row["rounds"] = [_round_summary(step, part) for part in rounds]
-                known = row["requests"] and pids.get(name) is not None
+                known = row["requests"] and pids.get(name)
                 row["server_cpu_us_per_request"] = 1e6 * cpu_seconds / row["requests"] if known else None
                 if name == SERVED and metrics_ports:
                     row["mean_batch_size"] = batched_images / calls if calls else float("nan")
-                    if server_pid is not None:
-                        rss = _rss_mb(server_pid)
+                    if server_pids:
+                        rss = _rss_mb(server_pids)
                         memory.setdefault("rss_first_step_mb", rss)
                         memory["rss_last_step_mb"] = rss
                         memory["rss_peak_mb"] = max(memory.get("rss_peak_mb", 0.0), rss)
@@ -329,9 +333,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{row['images_per_s']:9.0f} img/s  p50 {row['p50_ms']:6.2f}  p99 {row['p99_ms']:6.2f} ms  "
                       f"server CPU {cpu or float('nan'):7.0f} us/req  errors {row['errors'] or 0}", flush=True)
         memory["load_seconds"] = time.monotonic() - bench_started
-        if server_pid is not None and args.memory_seconds > 0:
+        if server_pids and args.memory_seconds > 0:
             concurrency = max(c for c, _ in steps)
-            memory.update(memory_growth(address, args.protocol, model, shape, server_pid, concurrency,
+            memory.update(memory_growth(address, args.protocol, model, shape, server_pids, concurrency,
                                         args.memory_seconds, args.processes))
         report = {"machine": {**describe_machine(), "event_loop": event_loop}, "steps": rows,
                   "onnxruntime_images_per_s": {images: float(np.mean(values)) for images, values in ceilings.items()},
@@ -355,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             child.log.close()
 
 
-def _alternate(targets: dict[str, str], pids: dict[str, int | None], protocol: str, model: str,
+def _alternate(targets: dict[str, str], pids: dict[str, list[int]], protocol: str, model: str,
                shape: tuple[int, int, int], step: Step, rounds: int, processes: int, metrics_ports: list[int],
                ceiling: Callable[[float], float] | None = None,
                ) -> tuple[dict[str, tuple[StepResult, float, tuple[float, float], list[StepResult]]], list[float]]:
@@ -377,15 +381,15 @@ def _alternate(targets: dict[str, str], pids: dict[str, int | None], protocol: s
         part = Step(step.concurrency, step.images_per_request, step.duration_s / rounds, warmup)
         for name, address in targets.items():
             served = name == SERVED
-            pid = pids.get(name)
+            members = pids.get(name, [])
             before = _batch_totals(metrics_ports) if served else (0.0, 0.0)
             cpu_at_start: list[float] = []
-            timer = threading.Timer(warmup, lambda pid=pid, mark=cpu_at_start: mark.append(_cpu_seconds(pid)))
+            timer = threading.Timer(warmup, lambda members=members, mark=cpu_at_start: mark.append(_cpu_seconds(members)))
             timer.start()
             rounds_of[name].append(run_step(address, protocol if served else "oip", model, shape, part, processes))
             results[name].append(rounds_of[name][-1])
             timer.join()
-            cpu_seconds[name] += _cpu_seconds(pid) - cpu_at_start[0]
+            cpu_seconds[name] += _cpu_seconds(members) - cpu_at_start[0]
             after = _batch_totals(metrics_ports) if served else (0.0, 0.0)
             batches[name][0] += after[0] - before[0]
             batches[name][1] += after[1] - before[1]
