@@ -48,16 +48,16 @@ class ServedVersion:
             hold_under_load_s=config.hold_under_load_s,
             observer=observer,
         )
-        self._max_batch_size = config.max_batch_size
-        self._instances = config.model_instances
+        self._config = config
 
     async def warm_up(self) -> None:
         """Warm the model on its worker thread, then open its batcher."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.model.warm_up, self._max_batch_size)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self.model.warm_up, self._config.max_batch_size)
         self.batcher.start()
         self.ready = True
         log.info("model %s v%d ready on %s (%d instances)", self.name, self.version, self.model.provider,
-                 self._instances)
+                 self._config.model_instances)
 
     async def retire(self) -> None:
         """Answer what is queued, then free the worker threads."""
