@@ -14,8 +14,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml client/pyproject.toml
-	$(BIN)/pip install --quiet -e ./client -e ".[dev]"
+PARTS := proto client server training
+
+$(STAMP): $(BIN)/python pyproject.toml $(foreach part,$(PARTS),$(part)/pyproject.toml)
+	$(BIN)/pip install --quiet $(foreach part,$(PARTS),-e ./$(part)) -e ".[dev]"
 	touch $(STAMP)
 
 ## install: create .venv and install the client, server, training and test dependencies
@@ -41,12 +43,14 @@ soak: install
 bench: train
 	$(BIN)/convserve-bench --model-repository $(MODELS) --output bench-results
 
-## proto: regenerate the Python code in client/convserve_client/protos from proto/
+GENERATED := proto/convserve_protocol/protos
+
+## proto: regenerate the Python code in $(GENERATED) from proto/*.proto
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -Iproto \
-		--python_out=client/convserve_client/protos --grpc_python_out=client/convserve_client/protos \
-		--pyi_out=client/convserve_client/protos proto/grpc_predict_v2.proto proto/classifier.proto
-	sed -i 's/^import \(\w*_pb2\) as/from . import \1 as/' client/convserve_client/protos/*_pb2_grpc.py
+		--python_out=$(GENERATED) --grpc_python_out=$(GENERATED) --pyi_out=$(GENERATED) \
+		proto/grpc_predict_v2.proto proto/classifier.proto
+	sed -i 's/^import \(\w*_pb2\) as/from . import \1 as/' $(GENERATED)/*_pb2_grpc.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis bench-results

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from convserve_client.model_card import ModelCard
-from convserve_client.preprocessing import PreprocessingSpec
+from convserve_protocol.model_card import ModelCard
+from convserve_protocol.preprocessing_spec import PreprocessingSpec
 
 TINY_LABELS = ("ant", "bee", "cat", "dog")
 

@@ -14,8 +14,8 @@ from typing import IO
 
 import grpc
 
-from convserve_client.protos import grpc_predict_v2_pb2 as pb
-from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
+from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from convserve_client.preprocessing import PreprocessingSpec
+from convserve_protocol.preprocessing_spec import PreprocessingSpec
 from convserve_training.data import Dataset, digits_as_uint8, split_dataset
 
 

@@ -20,8 +20,9 @@ from convserve_client.errors import (
     ServerError,
     UnavailableError,
 )
-from convserve_client.model_card import ModelCard
-from convserve_client.preprocessing import PreprocessingSpec, preprocess, preprocess_batch
+from convserve_protocol.model_card import ModelCard
+from convserve_client.preprocessing import preprocess, preprocess_batch
+from convserve_protocol.preprocessing_spec import PreprocessingSpec
 from convserve_client.types import Classification, ModelInfo, Prediction, RetryPolicy
 
 __all__ = [

@@ -10,9 +10,10 @@ import numpy as np
 from PIL import Image
 
 from convserve_client.errors import ConvserveError, ImageError
-from convserve_client.model_card import ModelCard
-from convserve_client.preprocessing import ImageInput, PreprocessingSpec, describe_source, preprocess
-from convserve_client.protos import classifier_pb2
+from convserve_protocol.model_card import ModelCard
+from convserve_client.preprocessing import ImageInput, describe_source, preprocess
+from convserve_protocol.preprocessing_spec import PreprocessingSpec
+from convserve_protocol.protos import classifier_pb2
 from convserve_client.types import Classification, ModelInfo, Prediction
 
 

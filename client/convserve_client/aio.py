@@ -13,7 +13,7 @@ from convserve_client import _wire
 from convserve_client.client import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_TIMEOUT_S
 from convserve_client.errors import RETRYABLE_CODES, ConvserveError, DeadlineExceededError, ImageError, from_rpc_error
 from convserve_client.preprocessing import ImageInput
-from convserve_client.protos import classifier_pb2, classifier_pb2_grpc, grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from convserve_protocol.protos import classifier_pb2, classifier_pb2_grpc, grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from convserve_client.types import Classification, ModelInfo, RetryPolicy
 
 T = TypeVar("T")

@@ -11,79 +11,25 @@ was trained on.  The steps mirror the Keras layers of the original design:
    antialiasing: TensorFlow's ``resize_bilinear``);
 4. rescale, ``x * scale + offset`` in float32, as ``keras.layers.Rescaling``.
 
-The spec travels inside the model file, so nothing here hard-codes a size.
+The spec (:class:`~convserve_protocol.preprocessing_spec.PreprocessingSpec`) is part of the
+contract package and travels inside the model file, so nothing here hard-codes a size.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from convserve_client.errors import ImageError
+from convserve_protocol.preprocessing_spec import PreprocessingSpec
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 """Anything :func:`load_image` accepts: a path, encoded bytes, a Pillow image or an array."""
-
-_SPEC_VERSION = 1
-
-
-@dataclass(frozen=True)
-class PreprocessingSpec:
-    """How raw images become model input; stored as JSON in the model file."""
-
-    height: int
-    """Model input height in pixels."""
-    width: int
-    """Model input width in pixels."""
-    channels: int = 3
-    """Colour channels the model takes (RGB)."""
-    crop: str = "center_to_aspect_ratio"
-    """Crop applied before resizing: the largest centred box of the model's aspect ratio."""
-    interpolation: str = "bilinear"
-    """Resize method (half-pixel centres, no antialiasing)."""
-    scale: float = 1.0 / 255.0
-    """Multiplier applied after resizing."""
-    offset: float = 0.0
-    """Added after scaling."""
-
-    def __post_init__(self) -> None:
-        if self.height < 1 or self.width < 1:
-            raise ValueError(f"input size must be positive, got {self.height}x{self.width}")
-        if self.channels != 3:
-            raise ValueError(f"only 3-channel (RGB) models are supported, got {self.channels}")
-        if self.crop != "center_to_aspect_ratio":
-            raise ValueError(f"unsupported crop {self.crop!r}")
-        if self.interpolation != "bilinear":
-            raise ValueError(f"unsupported interpolation {self.interpolation!r}")
-
-    def to_json(self) -> str:
-        """The spec as a JSON object, with a format version."""
-        return json.dumps({"spec_version": _SPEC_VERSION, **asdict(self)}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> PreprocessingSpec:
-        """Parse :meth:`to_json`'s output; raises ``ValueError`` on anything else."""
-        try:
-            fields: dict[str, Any] = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"preprocessing spec is not JSON: {exc}") from exc
-        if not isinstance(fields, dict):
-            raise ValueError("preprocessing spec must be a JSON object")
-        version = fields.pop("spec_version", None)
-        if version != _SPEC_VERSION:
-            raise ValueError(f"unsupported preprocessing spec version {version!r}")
-        try:
-            return cls(**fields)
-        except TypeError as exc:
-            raise ValueError(f"bad preprocessing spec: {exc}") from exc
-
 
 def describe_source(image: object) -> str:
     """A short human name for an image input, used in error messages."""

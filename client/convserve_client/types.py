@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from convserve_client.model_card import ModelCard
-from convserve_client.preprocessing import PreprocessingSpec
+from convserve_protocol.model_card import ModelCard
+from convserve_protocol.preprocessing_spec import PreprocessingSpec
 
 
 @dataclass(frozen=True)

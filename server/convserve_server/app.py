@@ -17,7 +17,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from convserve_client.protos import classifier_pb2, grpc_predict_v2_pb2
+from convserve_protocol.protos import classifier_pb2, grpc_predict_v2_pb2
 from convserve_server.auth import BearerTokenInterceptor
 from convserve_server.config import ServerConfig
 from convserve_server.core import InferenceCore

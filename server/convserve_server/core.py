@@ -18,7 +18,7 @@ import numpy as np
 from convserve_server.batcher import BatchObserver, DynamicBatcher
 from convserve_server.config import ServerConfig
 from convserve_server.errors import InvalidInput, ModelNotFound, ModelNotReady, StartupError
-from convserve_server.repository import VersionPath, scan_repository
+from convserve_protocol.repository import VersionPath, scan_repository
 from convserve_server.runtime import CPU, DeviceRequest, OnnxModel
 
 log = logging.getLogger(__name__)

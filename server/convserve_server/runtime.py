@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from convserve_client.model_card import ModelCard
+from convserve_protocol.model_card import ModelCard
 from convserve_server.errors import StartupError
 
 log = logging.getLogger(__name__)

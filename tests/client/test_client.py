@@ -28,8 +28,9 @@ from convserve_client import (
 )
 from convserve_client.cli import main as classify_main
 from convserve_client.errors import from_rpc_error
-from convserve_client.protos import classifier_pb2, classifier_pb2_grpc
-from convserve_client.preprocessing import PreprocessingSpec, preprocess
+from convserve_protocol.protos import classifier_pb2, classifier_pb2_grpc
+from convserve_client.preprocessing import preprocess
+from convserve_protocol.preprocessing_spec import PreprocessingSpec
 from tests.models import TINY_LABELS
 from tests.process import free_port
 

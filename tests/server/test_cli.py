@@ -15,8 +15,8 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from convserve_client.protos import grpc_predict_v2_pb2 as pb
-from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
+from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server.errors import StartupError
 from convserve_server.runtime import CUDA, DeviceRequest, OnnxModel
 

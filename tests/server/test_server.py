@@ -15,10 +15,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from convserve_client.protos import classifier_pb2 as cpb
-from convserve_client.protos import classifier_pb2_grpc as cpb_grpc
-from convserve_client.protos import grpc_predict_v2_pb2 as pb
-from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_protocol.protos import classifier_pb2 as cpb
+from convserve_protocol.protos import classifier_pb2_grpc as cpb_grpc
+from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
+from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.models import TINY_LABELS, write_version
 
 SHAPE = (8, 8, 3)

@@ -40,7 +40,7 @@ def model_files(repository: Path) -> list[Path]:
 
 
 def test_tiny_data_dir_trains_and_each_run_writes_the_next_version(data_dir, tmp_path):
-    from convserve_client.model_card import ModelCard
+    from convserve_protocol.model_card import ModelCard
     import onnx
 
     repository = tmp_path / "repo"

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from convserve_client.model_card import ModelCard
+from convserve_protocol.model_card import ModelCard
 from convserve_training.export import ParityError, check_parity, onnx_probabilities
 
 
@@ -64,7 +64,7 @@ def test_parity_check_passes_on_the_real_export_and_fails_when_the_files_differ(
 
 
 def test_onnx_runtime_reproduces_the_reported_accuracy(default_training):
-    from convserve_client.preprocessing import PreprocessingSpec
+    from convserve_protocol.preprocessing_spec import PreprocessingSpec
     from convserve_training.data import load_digits_dataset, split_dataset
 
     splits = split_dataset(load_digits_dataset(PreprocessingSpec(28, 28)), 0.1, 0.2, seed=42)

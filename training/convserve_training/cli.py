@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_images_per_class=args.min_images_per_class, verbose=0 if args.quiet else 2,
     )
     if args.skip_if_present:
-        from convserve_training.repository import MODEL_FILENAME
+        from convserve_protocol.repository import MODEL_FILENAME
 
         existing = sorted((args.model_repository / config.resolved_model_name()).glob(f"*/{MODEL_FILENAME}"))
         if existing:

@@ -15,7 +15,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from convserve_client.errors import ImageError
-from convserve_client.preprocessing import PreprocessingSpec, preprocess
+from convserve_client.preprocessing import preprocess
+from convserve_protocol.preprocessing_spec import PreprocessingSpec
 from convserve_training.errors import TrainingError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
 
-from convserve_client.model_card import ModelCard
+from convserve_protocol.model_card import ModelCard
 from convserve_training.errors import TrainingError
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,6 @@ version, and an existing version is never overwritten.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -16,10 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from convserve_protocol.repository import is_model_name, version_numbers
 from convserve_training.errors import TrainingError
-
-MODEL_FILENAME = "model.onnx"
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -31,16 +28,9 @@ class StagedVersion:
     final: Path
 
 
-def existing_versions(model_dir: Path) -> list[int]:
-    """Version numbers already in a model's folder, ascending."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-
-
 def check_model_name(name: str) -> str:
     """A model name usable as a folder name and in gRPC requests, or TrainingError."""
-    if not _MODEL_NAME.match(name):
+    if not is_model_name(name):
         raise TrainingError(f"model name {name!r} must be letters, digits, '_', '-' or '.', not starting with a symbol")
     return name
 
@@ -50,7 +40,7 @@ def stage_next_version(repository: Path, model_name: str) -> Iterator[StagedVers
     """Stage the next version of a model; it appears on normal exit, and nothing is left on error."""
     model_dir = repository / check_model_name(model_name)
     model_dir.mkdir(parents=True, exist_ok=True)
-    versions = existing_versions(model_dir)
+    versions = version_numbers(model_dir)
     version = versions[-1] + 1 if versions else 1
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     try:

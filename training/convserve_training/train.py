@@ -13,12 +13,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from convserve_client.model_card import ModelCard
-from convserve_client.preprocessing import PreprocessingSpec
+from convserve_protocol.model_card import ModelCard
+from convserve_protocol.preprocessing_spec import PreprocessingSpec
 from convserve_training import export, report
 from convserve_training.data import Dataset, load_digits_dataset, load_image_folder, split_dataset
 from convserve_training.model import build_model
-from convserve_training.repository import MODEL_FILENAME, stage_next_version
+from convserve_protocol.repository import MODEL_FILENAME
+from convserve_training.repository import stage_next_version
 
 log = logging.getLogger(__name__)
 

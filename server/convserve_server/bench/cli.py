@@ -28,14 +28,14 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from convserve_client.protos import grpc_predict_v2_pb2 as pb
-from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
+from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server import eventloop
 from convserve_server.bench.loadgen import Step, StepResult, run_step, summarize
 from convserve_server.bench.report import NOOP, SERVED, describe_machine, markdown, write_plot
 from convserve_server.config import load_config
 from convserve_server.errors import StartupError
-from convserve_server.repository import scan_repository
+from convserve_protocol.repository import scan_repository
 
 _PROG = "convserve-bench"
 

@@ -12,9 +12,9 @@ import grpc
 import grpc.aio
 import numpy as np
 
-from convserve_client.protos import classifier_pb2, classifier_pb2_grpc
-from convserve_client.protos import grpc_predict_v2_pb2 as pb
-from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_protocol.protos import classifier_pb2, classifier_pb2_grpc
+from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
+from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import argparse
 import grpc.aio
 import numpy as np
 
-from convserve_client.protos import grpc_predict_v2_pb2 as pb
-from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
+from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server import eventloop
 
 NUM_CLASSES = 10

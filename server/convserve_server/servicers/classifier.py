@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc.aio
 
-from convserve_client.protos import classifier_pb2 as pb
-from convserve_client.protos import classifier_pb2_grpc as pb_grpc
+from convserve_protocol.protos import classifier_pb2 as pb
+from convserve_protocol.protos import classifier_pb2_grpc as pb_grpc
 from convserve_server.servicers.status import ServicerBase, deadline_of, rpc
 from convserve_server.servicers.tensors import checked_shape, fp32_from_bytes
 

@@ -8,8 +8,8 @@ from importlib.metadata import PackageNotFoundError, version
 import grpc.aio
 import numpy as np
 
-from convserve_client.protos import grpc_predict_v2_pb2 as pb
-from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
+from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server.core import ServedVersion
 from convserve_server.errors import InvalidInput, ModelNotFound
 from convserve_server.servicers.status import ServicerBase, deadline_of, rpc

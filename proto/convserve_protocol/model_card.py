@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from convserve_client.preprocessing import PreprocessingSpec
+from convserve_protocol.preprocessing_spec import PreprocessingSpec
 
 _PREFIX = "convserve."
 

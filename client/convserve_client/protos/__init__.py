@@ -1,1 +1,0 @@
-"""Python code generated from ``proto/`` by ``make proto``; do not edit by hand."""

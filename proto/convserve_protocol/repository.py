@@ -1,0 +1,63 @@
+"""The model repository's layout, defined once: ``<repository>/<name>/<version>/model.onnx``.
+
+Model names are letters, digits, ``_``, ``-`` and ``.``, not starting with a
+symbol; version folders have ASCII-digit names.  Anything else, such as the
+exporter's hidden ``.staging-*`` folders, is not part of the repository.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_FILENAME = "model.onnx"
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True, order=True)
+class VersionPath:
+    """One model version on disk."""
+
+    name: str
+    version: int
+    path: Path
+
+
+def is_model_name(name: str) -> bool:
+    """Whether ``name`` is usable as a model folder and in requests."""
+    return bool(_MODEL_NAME.match(name))
+
+
+def is_version_name(name: str) -> bool:
+    """Whether a folder name is a version number (ASCII digits only; ``str.isdigit`` also takes "²" or "٣")."""
+    return name.isascii() and name.isdigit()
+
+
+def version_numbers(model_dir: Path) -> list[int]:
+    """Numbers of the version folders of one model, with or without a model file yet, ascending."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(child.name) for child in model_dir.iterdir() if child.is_dir() and is_version_name(child.name))
+
+
+def model_versions(model_dir: Path) -> list[VersionPath]:
+    """Versions of one model that hold a model file, ascending."""
+    return [
+        VersionPath(model_dir.name, number, model_dir / str(number) / MODEL_FILENAME)
+        for number in version_numbers(model_dir)
+        if (model_dir / str(number) / MODEL_FILENAME).is_file()
+    ]
+
+
+def scan_repository(repository: Path) -> dict[str, list[VersionPath]]:
+    """Every model with at least one version, by name; versions ascending."""
+    if not repository.is_dir():
+        return {}
+    found = {}
+    for model_dir in sorted(repository.iterdir()):
+        if model_dir.is_dir() and is_model_name(model_dir.name):
+            versions = model_versions(model_dir)
+            if versions:
+                found[model_dir.name] = versions
+    return found
