@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MODELS ?= models
 PORT ?= 8500
 
-.PHONY: install train serve test soak bench proto clean
+.PHONY: install train serve test soak bench proto docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ proto: install
 		--python_out=$(GENERATED) --grpc_python_out=$(GENERATED) --pyi_out=$(GENERATED) \
 		proto/grpc_predict_v2.proto proto/classifier.proto
 	sed -i 's/^import \(\w*_pb2\) as/from . import \1 as/' $(GENERATED)/*_pb2_grpc.py
+
+## docs: regenerate docs/configuration.md from the server's config class
+docs: install
+	$(BIN)/python -m convserve_server.config_docs > docs/configuration.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis bench-results
