@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 _SPEC_VERSION = 1
+CROP_MODES = ("center_to_aspect_ratio",)
+"""The crop modes a spec may name."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class PreprocessingSpec:
             raise ValueError(f"input size must be positive, got {self.height}x{self.width}")
         if self.channels != 3:
             raise ValueError(f"only 3-channel (RGB) models are supported, got {self.channels}")
-        if self.crop != "center_to_aspect_ratio":
+        if self.crop not in CROP_MODES:
             raise ValueError(f"unsupported crop {self.crop!r}")
         if self.interpolation != "bilinear":
             raise ValueError(f"unsupported interpolation {self.interpolation!r}")
