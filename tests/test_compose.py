@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -65,7 +67,15 @@ def test_images_are_pinned_and_run_as_non_root(dockerfile):
     assert "\nUSER convserve" in text and "useradd" in text
 
 
-def test_server_image_carries_no_tensorflow():
+def test_server_image_installs_only_the_contract_and_the_server():
     lines = (ROOT / "server/Dockerfile").read_text().splitlines()
     installs = " ".join(line for line in lines if not line.lstrip().startswith("#"))
-    assert ".[server]" in installs and "training]" not in installs and "tensorflow" not in installs.lower()
+    assert "pip install ./proto ./server" in installs
+    assert "./client" not in installs and "./training" not in installs and "tensorflow" not in installs.lower()
+
+
+def test_the_server_distribution_depends_on_no_training_client_or_imaging_package():
+    dependencies = tomllib.loads((ROOT / "server/pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower() for requirement in dependencies}
+    assert "convserve-protocol" in names
+    assert names.isdisjoint({"convserve-client", "convserve-training", "tensorflow", "tensorflow-cpu", "pillow"})

@@ -19,12 +19,16 @@ _DENY_HANDLER = grpc.unary_unary_rpc_method_handler(_deny)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Lets a call through only with ``authorization: Bearer <token>`` metadata."""
+    """Lets a call through only with ``authorization: Bearer <token>`` metadata.
+
+    The scheme name is case-insensitive (RFC 7235: ``bearer``, ``BEARER``); the token is compared exactly,
+    in constant time.
+    """
 
     def __init__(self, token: str) -> None:
         if not token:
             raise ValueError("the auth token must not be empty")
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     async def intercept_service(
         self,
@@ -34,7 +38,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if handler_call_details.method.startswith(_OPEN_PREFIXES):
             return await continuation(handler_call_details)
         for key, value in handler_call_details.invocation_metadata or ():
-            given = value.encode() if isinstance(value, str) else value
-            if key == "authorization" and hmac.compare_digest(given, self._expected):
+            if key == "authorization" and self._is_expected(value):
                 return await continuation(handler_call_details)
         return _DENY_HANDLER
+
+    def _is_expected(self, value: str | bytes) -> bool:
+        given = value.encode() if isinstance(value, str) else value
+        scheme, _, token = given.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(b" "), self._expected)

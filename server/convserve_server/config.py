@@ -69,6 +69,13 @@ class ServerConfig(BaseSettings):
         DeviceRequest.parse(value)
         return value
 
+    @field_validator("auth_token")
+    @classmethod
+    def _check_auth_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("the auth token is empty; unset it to turn authentication off")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _check_log_level(cls, value: str) -> str:
