@@ -1,7 +1,8 @@
 """The model repository's layout, defined once: ``<repository>/<name>/<version>/model.onnx``.
 
 Model names are letters, digits, ``_``, ``-`` and ``.``, not starting with a
-symbol; version folders have ASCII-digit names.  Anything else, such as the
+symbol; version folders have names of 1 to 18 ASCII digits (an int64, as in the
+Open Inference Protocol).  Anything else, such as the
 exporter's hidden ``.staging-*`` folders, is not part of the repository.
 """
 
@@ -29,9 +30,15 @@ def is_model_name(name: str) -> bool:
     return bool(_MODEL_NAME.match(name))
 
 
+MAX_VERSION_DIGITS = 18
+
+
 def is_version_name(name: str) -> bool:
-    """Whether a folder name is a version number (ASCII digits only; ``str.isdigit`` also takes "²" or "٣")."""
-    return name.isascii() and name.isdigit()
+    """Whether a folder name (or a requested version) is a version number.
+
+    ASCII digits only: ``str.isdigit`` also takes "²" or "٣", which ``int`` then refuses.
+    """
+    return 0 < len(name) <= MAX_VERSION_DIGITS and name.isascii() and name.isdigit()
 
 
 def version_numbers(model_dir: Path) -> list[int]:

@@ -17,13 +17,14 @@ import numpy as np
 
 from convserve_server.batcher import BatchObserver, DynamicBatcher
 from convserve_server.config import ServerConfig
-from convserve_server.errors import InvalidInput, ModelNotFound, ModelNotReady, StartupError
-from convserve_protocol.repository import VersionPath, scan_repository
+from convserve_server.errors import InvalidInput, ModelNotFound, ModelNotReady, StartupError, quoted
+from convserve_protocol.repository import VersionPath, is_version_name, scan_repository
 from convserve_server.runtime import CPU, DeviceRequest, OnnxModel
 
 log = logging.getLogger(__name__)
 
 ObserverFactory = Callable[[str], BatchObserver | None]
+
 
 
 class ServedVersion:
@@ -191,15 +192,15 @@ class InferenceCore:
         try:
             return self._models[name]
         except KeyError:
-            raise ModelNotFound(f"unknown model {name!r}; served: {', '.join(self.model_names())}") from None
+            raise ModelNotFound(f"unknown model {quoted(name)}; served: {', '.join(self.model_names())}") from None
 
     def resolve(self, name: str, version: str = "") -> ServedVersion:
         """The named (or only) model at the named (or newest) version."""
         versions = self._versions_of(name)
         if not version:
             return versions[max(versions)]
-        if not (version.isascii() and version.isdigit()) or int(version) not in versions:
-            raise ModelNotFound(f"model {name or 'default'} has no loaded version {version!r}; "
+        if not is_version_name(version) or int(version) not in versions:
+            raise ModelNotFound(f"model {name or 'default'} has no loaded version {quoted(version)}; "
                                 f"loaded: {', '.join(map(str, sorted(versions)))}")
         return versions[int(version)]
 

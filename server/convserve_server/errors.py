@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 
+MAX_QUOTED_CHARS = 64
+"""Most characters of a caller's string an error message repeats."""
+
+
+def quoted(text: str) -> str:
+    """A caller's string for an error message: repr'd, and cut short if long, so messages stay small."""
+    if len(text) <= MAX_QUOTED_CHARS:
+        return repr(text)
+    return f"{text[:MAX_QUOTED_CHARS]!r}... ({len(text)} characters)"
+
+
 class ServingError(Exception):
     """Base of the errors a request can end with; the message goes to the caller."""
 

@@ -11,7 +11,7 @@ import numpy as np
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server.core import ServedVersion
-from convserve_server.errors import InvalidInput, ModelNotFound
+from convserve_server.errors import InvalidInput, ModelNotFound, quoted
 from convserve_server.servicers.status import ServicerBase, deadline_of, rpc
 from convserve_server.servicers.tensors import checked_shape, fp32_from_bytes, fp32_from_values
 
@@ -31,27 +31,27 @@ def _server_version() -> str:
 def _decode_input(request: pb.ModelInferRequest, served: ServedVersion) -> np.ndarray:
     card = served.model.card
     if len(request.inputs) != 1:
-        raise InvalidInput(f"model {served.name} takes exactly one input {card.input_name!r}, got {len(request.inputs)}")
+        raise InvalidInput(f"model {served.name} takes exactly one input {quoted(card.input_name)}, got {len(request.inputs)}")
     tensor = request.inputs[0]
     if tensor.name != card.input_name:
-        raise InvalidInput(f"unknown input {tensor.name!r}; model {served.name} takes {card.input_name!r}")
+        raise InvalidInput(f"unknown input {quoted(tensor.name)}; model {served.name} takes {quoted(card.input_name)}")
     if tensor.datatype != FP32:
-        raise InvalidInput(f"input {tensor.name!r} must be FP32, got {tensor.datatype or 'no datatype'}")
-    shape = checked_shape(tensor.shape, f"input {tensor.name!r}", rank=4)
+        raise InvalidInput(f"input {quoted(tensor.name)} must be FP32, got {tensor.datatype or 'no datatype'}")
+    shape = checked_shape(tensor.shape, f"input {quoted(tensor.name)}", rank=4)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
             raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs")
         if tensor.HasField("contents"):
             raise InvalidInput("an input cannot carry both contents and raw_input_contents")
-        return fp32_from_bytes(request.raw_input_contents[0], shape, f"input {tensor.name!r}")
-    return fp32_from_values(tensor.contents.fp32_contents, shape, f"input {tensor.name!r}")
+        return fp32_from_bytes(request.raw_input_contents[0], shape, f"input {quoted(tensor.name)}")
+    return fp32_from_values(tensor.contents.fp32_contents, shape, f"input {quoted(tensor.name)}")
 
 
 def _check_requested_outputs(request: pb.ModelInferRequest, served: ServedVersion) -> None:
     for output in request.outputs:
         if output.name != served.model.card.output_name:
-            raise ModelNotFound(f"unknown output {output.name!r}; model {served.name} has "
-                                f"{served.model.card.output_name!r}")
+            raise ModelNotFound(f"unknown output {quoted(output.name)}; model {served.name} has "
+                                f"{quoted(served.model.card.output_name)}")
 
 
 def _param(value: str | int) -> pb.InferParameter:

@@ -26,6 +26,9 @@ STATUS_BY_ERROR: dict[type[ServingError], grpc.StatusCode] = {
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
+MAX_MESSAGE_CHARS = 1024
+"""Longest status message sent: a message travels in HTTP/2 trailers, which peers cap at a few KiB."""
+
 Response = TypeVar("Response")
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Response]]
 
@@ -70,7 +73,7 @@ def rpc(method: str) -> Callable[[Handler[Response]], Handler[Response]]:
                 return await handler(self, request, context)
             except ServingError as exc:
                 code = status_code_for(exc)
-                await context.abort(code, str(exc))
+                await context.abort(code, str(exc)[:MAX_MESSAGE_CHARS])
                 raise  # abort raises; this line only satisfies type checkers
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
