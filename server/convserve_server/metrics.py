@@ -10,16 +10,15 @@ loop's time is what bounds the requests per second.
 
 from __future__ import annotations
 
-import threading
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from convserve_server.errors import StartupError
+from convserve_server.metrics_http import MetricsHTTPServer
 
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 
@@ -59,7 +58,8 @@ class ServerMetrics:
         self._models: dict[str, _ModelObserver] = {}
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(self))
-        self._http: tuple[WSGIServer, threading.Thread] | None = None
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        self._http: MetricsHTTPServer | None = None
 
     def record_request(self, model: str, method: str, code: str, seconds: float) -> None:
         """Count one answered request and its latency."""
@@ -80,18 +80,15 @@ class ServerMetrics:
     def serve_http(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on a background thread; returns the bound port (StartupError if it cannot bind)."""
         try:
-            self._http = start_http_server(port, addr=host, registry=self.registry)
+            self._http = MetricsHTTPServer(host, port, self.registry)
         except OSError as exc:
             raise StartupError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from exc
-        return int(self._http[0].server_port)
+        return self._http.port
 
     def close(self) -> None:
         """Stop the HTTP endpoint."""
         if self._http is not None:
-            server, thread = self._http
-            server.shutdown()
-            server.server_close()
-            thread.join(timeout=5)
+            self._http.close()
             self._http = None
 
     def families(self) -> Iterator[Metric]:
