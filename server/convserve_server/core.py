@@ -213,7 +213,9 @@ class InferenceCore:
         if not served.ready:
             raise ModelNotReady(f"model {served.name} v{served.version} is not ready")
         check_images(images, served.model.input_shape)
-        return await served.batcher.submit(images, deadline)
+        probabilities = await served.batcher.submit(images, deadline)
+        check_finite_output(probabilities, images)
+        return probabilities
 
     async def classify(
         self, served: ServedVersion, images: np.ndarray, top_k: int, deadline: float | None
@@ -238,6 +240,16 @@ def check_images(images: np.ndarray, input_shape: tuple[int, int, int]) -> None:
         raise InvalidInput(f"images must be float32, got {images.dtype}")
     if not np.isfinite(images).all():
         raise InvalidInput("images contain NaN or infinity")
+
+
+def check_finite_output(probabilities: np.ndarray, images: np.ndarray) -> None:
+    """Refuse to answer NaN: finite but huge inputs (3e38, say) overflow inside the model."""
+    bad_rows = np.flatnonzero(~np.isfinite(probabilities).all(axis=1))
+    if len(bad_rows):
+        shown = ", ".join(map(str, bad_rows[:8])) + (", ..." if len(bad_rows) > 8 else "")
+        raise InvalidInput(f"the model's output is not finite for image(s) {shown}: their values (largest "
+                           f"|x| {float(np.max(np.abs(images[bad_rows]))):.3g}) are far outside the range "
+                           "preprocessing produces")
 
 
 def element_count(shape: list[int] | tuple[int, ...]) -> int:
