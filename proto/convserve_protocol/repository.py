@@ -48,23 +48,41 @@ def version_numbers(model_dir: Path) -> list[int]:
     return sorted(int(child.name) for child in model_dir.iterdir() if child.is_dir() and is_version_name(child.name))
 
 
-def model_versions(model_dir: Path) -> list[VersionPath]:
-    """Versions of one model that hold a model file, ascending."""
-    return [
-        VersionPath(model_dir.name, number, model_dir / str(number) / MODEL_FILENAME)
-        for number in version_numbers(model_dir)
-        if (model_dir / str(number) / MODEL_FILENAME).is_file()
-    ]
+def model_versions(model_dir: Path, repository: Path | None = None) -> list[VersionPath]:
+    """Versions of one model that hold a model file, ascending; with ``repository``, only those whose folder
+    and file stay inside it."""
+    found = []
+    for number in version_numbers(model_dir):
+        path = model_dir / str(number) / MODEL_FILENAME
+        if path.is_file() and (repository is None or stays_inside(path, repository)):
+            found.append(VersionPath(model_dir.name, number, path))
+    return found
 
 
 def scan_repository(repository: Path) -> dict[str, list[VersionPath]]:
-    """Every model with at least one version, by name; versions ascending."""
+    """Every model with at least one version, by name; versions ascending; links out of the repository ignored."""
     if not repository.is_dir():
         return {}
     found = {}
     for model_dir in sorted(repository.iterdir()):
-        if model_dir.is_dir() and is_model_name(model_dir.name):
-            versions = model_versions(model_dir)
+        if model_dir.is_dir() and is_model_name(model_dir.name) and stays_inside(model_dir, repository):
+            versions = model_versions(model_dir, repository)
             if versions:
                 found[model_dir.name] = versions
     return found
+
+
+def stays_inside(path: Path, repository: Path) -> bool:
+    """Whether ``path``, its links followed, is inside ``repository``."""
+    return path.resolve().is_relative_to(repository.resolve())
+
+
+def links_out_of(repository: Path) -> list[Path]:
+    """Model folders, version folders and model files that are links leading out of the repository (ignored)."""
+    if not repository.is_dir():
+        return []
+    candidates = [model_dir for model_dir in repository.iterdir() if is_model_name(model_dir.name)]
+    for model_dir in [path for path in candidates if path.is_dir() and stays_inside(path, repository)]:
+        for number in version_numbers(model_dir):
+            candidates += [model_dir / str(number), model_dir / str(number) / MODEL_FILENAME]
+    return sorted(path for path in candidates if path.exists() and not stays_inside(path, repository))

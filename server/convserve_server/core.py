@@ -18,7 +18,7 @@ import numpy as np
 from convserve_server.batcher import BatchObserver, DynamicBatcher
 from convserve_server.config import ServerConfig
 from convserve_server.errors import InvalidInput, ModelNotFound, ModelNotReady, StartupError, quoted
-from convserve_protocol.repository import VersionPath, is_version_name, scan_repository
+from convserve_protocol.repository import VersionPath, is_version_name, links_out_of, scan_repository
 from convserve_server.runtime import CPU, DeviceRequest, OnnxModel
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ class InferenceCore:
         self._device = DeviceRequest.parse(config.device)
         self._observer_factory = observer_factory
         self._models: dict[str, dict[int, ServedVersion]] = {}
-        self._refused: set[Path] = set()
+        self._refused: dict[Path, FileSignature] = {}  # refused versions' files, as they were then
         self.draining = False
 
     # --- loading -----------------------------------------------------------------------------
@@ -99,6 +99,8 @@ class InferenceCore:
 
     def load_all(self) -> None:
         """Load the newest versions of every model; StartupError if there is none or one is bad."""
+        for link in links_out_of(self._config.model_repository):
+            log.warning("%s is a link out of the model repository; ignored", link)
         found = scan_repository(self._config.model_repository)
         if not found:
             raise StartupError(f"model repository {self._config.model_repository}: no <name>/<version>/model.onnx in it")
@@ -113,26 +115,53 @@ class InferenceCore:
                 await served.warm_up()
 
     async def refresh(self) -> None:
-        """Load new versions found on disk off to the side, then swap them in; refuse bad ones."""
+        """Follow the repository: load new versions off to the side and swap them in, refuse bad ones (until
+        their file changes), and stop serving versions deleted from disk.
+
+        A deleted version is replaced before it is retired: if it was the newest, the newest version still on
+        disk is loaded first, so that unversioned calls never find the model gone.
+        """
+        if not self._config.model_repository.is_dir():
+            log.error("model repository %s is missing; serving what is loaded", self._config.model_repository)
+            return
+        found = scan_repository(self._config.model_repository)
         loop = asyncio.get_running_loop()
-        for name, versions in scan_repository(self._config.model_repository).items():
-            current = self._models.get(name, {})
-            newest_loaded = max(current, default=0)
-            for source in versions:
-                if source.version <= newest_loaded or source.path in self._refused:
+        for name, versions in found.items():
+            on_disk = {source.version for source in versions}
+            newest_loaded = max((version for version in self._models.get(name, {}) if version in on_disk), default=0)
+            for source in versions[-self._config.versions_per_model :]:
+                if source.version <= newest_loaded or self._still_refused(source):
                     continue
                 try:
                     served = await loop.run_in_executor(None, self._load, source)
                     await served.warm_up()
                 except Exception as exc:  # a bad new version must never stop the old one serving
-                    self._refused.add(source.path)
+                    self._refused[source.path] = file_signature(source.path)
                     log.error("refused %s v%d: %s", name, source.version, exc)
                     continue
-                await self._swap_in(name, served)
+                await self._swap_in(name, served, on_disk)
+        await self._retire_deleted(found)
 
-    async def _swap_in(self, name: str, served: ServedVersion) -> None:
+    def _still_refused(self, source: VersionPath) -> bool:
+        """Whether a version was refused and its file has not changed since (a half-written file is retried
+        once it is complete)."""
+        return source.path in self._refused and self._refused[source.path] == file_signature(source.path)
+
+    async def _retire_deleted(self, found: dict[str, list[VersionPath]]) -> None:
+        """Stop serving versions whose folder or file is gone, and models left with none."""
+        for name in list(self._models):
+            on_disk = {source.version for source in found.get(name, [])}
+            for version in [version for version in self._models[name] if version not in on_disk]:
+                retired = self._models[name].pop(version)
+                log.warning("%s v%d was deleted from the repository; no longer serving it", name, version)
+                await retired.retire()
+            if not self._models[name]:
+                del self._models[name]
+                log.warning("model %s has no version left in the repository; no longer serving it", name)
+
+    async def _swap_in(self, name: str, served: ServedVersion, on_disk: set[int]) -> None:
         versions = {**self._models.get(name, {}), served.version: served}
-        keep = sorted(versions)[-self._config.versions_per_model :]
+        keep = sorted(version for version in versions if version in on_disk)[-self._config.versions_per_model :]
         self._models[name] = {version: versions[version] for version in keep}
         log.info("now serving %s v%d (versions %s)", name, served.version, keep)
         for version, old in versions.items():
@@ -162,9 +191,9 @@ class InferenceCore:
 
     @property
     def ready(self) -> bool:
-        """Every model has a warmed version and the server is not draining."""
+        """Every model's newest version, the one unversioned calls get, is warmed, and the server is not draining."""
         return not self.draining and bool(self._models) and all(
-            any(served.ready for served in versions.values()) for versions in self._models.values()
+            versions[max(versions)].ready for versions in self._models.values()
         )
 
     def model_names(self) -> list[str]:
@@ -226,6 +255,18 @@ class InferenceCore:
         probabilities = await self.infer(served, images, deadline)
         top = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
         return Classification(top, np.take_along_axis(probabilities, top, axis=1), probabilities)
+
+
+FileSignature = tuple[int, int, int] | None
+
+
+def file_signature(path: Path) -> FileSignature:
+    """What changes when a file is rewritten or replaced: inode, size, modification time (None if unreadable)."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def check_images(images: np.ndarray, input_shape: tuple[int, int, int]) -> None:
