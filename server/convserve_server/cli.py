@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
+import socket
 import sys
+import threading
+import time
 from typing import Sequence
 
 from convserve_server import eventloop
@@ -17,6 +22,7 @@ from convserve_server.errors import StartupError
 
 log = logging.getLogger("convserve_server")
 _PROG = "convserve-serve"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 async def serve(config: ServerConfig) -> None:
@@ -73,8 +79,13 @@ def _run_workers(config: ServerConfig) -> int:
     restarts the whole server rather than it running on quietly with fewer workers.
     """
     _configure_logging(config)
+    try:
+        _check_port_free(config.host, config.port)
+    except StartupError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 1
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker_entry, args=(config.for_worker(i),), name=f"worker-{i}")
+    workers = [context.Process(target=_worker_entry, args=(config.for_worker(i), os.getpid()), name=f"worker-{i}")
                for i in range(config.workers)]
     for worker in workers:
         worker.start()
@@ -98,15 +109,52 @@ def _run_workers(config: ServerConfig) -> int:
     return status
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """StartupError if anything listens on ``host:port``.
+
+    Workers bind with SO_REUSEPORT, which the kernel also grants beside another
+    server's SO_REUSEPORT sockets: two ``--workers`` servers would share the port,
+    each answering some connections.  A plain bind (SO_REUSEADDR only, which
+    ignores TIME_WAIT) fails beside any listening socket, so it is a fair test.
+    """
+    if port == 0:
+        return
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+
+
 def _stop(workers: list[multiprocessing.process.BaseProcess]) -> None:
     for worker in workers:
         if worker.pid is not None and worker.is_alive():
             worker.terminate()
 
 
-def _worker_entry(config: ServerConfig) -> None:
+def _worker_entry(config: ServerConfig, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent forwards SIGTERM instead
+    _terminate_with_parent(parent_pid)
     sys.exit(_run_worker(config))
+
+
+def _terminate_with_parent(parent_pid: int) -> None:
+    """Get SIGTERM (and so drain and exit) when the parent dies, even by SIGKILL: no orphan keeps the port."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # it died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch_parent() -> None:  # elsewhere, poll: the parent's death makes this process a child of another
+        while os.getppid() == parent_pid:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
