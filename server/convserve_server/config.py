@@ -24,6 +24,8 @@ class ServerConfig(BaseSettings):
     model_repository: Path = Field(Path("models"), description="model repository: <repo>/<name>/<version>/model.onnx")
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8500, ge=0, le=65535, description="gRPC port (0 picks a free one)")
+    default_model: str = Field("", description="model that calls naming none get (empty: the first model served at "
+                               "startup, in name order; a model added later never changes it)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N; cuda never falls back to the CPU")
     max_batch_size: int = Field(64, ge=1, le=4096, description="most images the model runs at once")
     max_queue_delay_us: int = Field(0, ge=0, le=10_000_000, description="how long a batch may wait to fill (0: run at once)")

@@ -84,6 +84,8 @@ class InferenceCore:
         self._device = DeviceRequest.parse(config.device)
         self._observer_factory = observer_factory
         self._models: dict[str, dict[int, ServedVersion]] = {}
+        # The model calls naming none get: --default-model, else the first served at startup, for good.
+        self.default_model = config.default_model
         self._refused: dict[Path, FileSignature] = {}  # refused versions' files, as they were then
         self.draining = False
 
@@ -104,9 +106,14 @@ class InferenceCore:
         found = scan_repository(self._config.model_repository)
         if not found:
             raise StartupError(f"model repository {self._config.model_repository}: no <name>/<version>/model.onnx in it")
+        default = self._config.default_model or next(iter(found))
+        if default not in found:
+            raise StartupError(f"--default-model {default}: no such model in {self._config.model_repository} "
+                               f"(found {', '.join(found)})")
         for name, versions in found.items():
             keep = versions[-self._config.versions_per_model :]
             self._models[name] = {source.version: self._load(source) for source in keep}
+        self.default_model = default
 
     async def warm_up(self) -> None:
         """Warm every loaded version and open it for requests."""
@@ -204,27 +211,23 @@ class InferenceCore:
         """Whether ``name`` is a served model."""
         return name in self._models
 
-    @property
-    def only_model(self) -> str | None:
-        """The model's name when exactly one is served."""
-        return next(iter(self._models)) if len(self._models) == 1 else None
-
     def versions(self, name: str) -> list[int]:
         """Loaded versions of one model, ascending."""
         return sorted(self._versions_of(name))
 
     def _versions_of(self, name: str) -> dict[int, ServedVersion]:
         if not name:
-            if len(self._models) != 1:
-                raise ModelNotFound(f"name a model; this server serves {', '.join(self.model_names())}")
-            return next(iter(self._models.values()))
+            if self.default_model not in self._models:
+                raise ModelNotFound(f"the default model {self.default_model} is no longer served; name one of "
+                                    f"{', '.join(self.model_names())}")
+            return self._models[self.default_model]
         try:
             return self._models[name]
         except KeyError:
             raise ModelNotFound(f"unknown model {quoted(name)}; served: {', '.join(self.model_names())}") from None
 
     def resolve(self, name: str, version: str = "") -> ServedVersion:
-        """The named (or only) model at the named (or newest) version."""
+        """The named (or default) model at the named (or newest) version."""
         versions = self._versions_of(name)
         if not version:
             return versions[max(versions)]

@@ -322,19 +322,6 @@ async def test_draining_core_refuses_new_requests_as_unavailable(tiny_server, ch
     assert not (await stub.ServerReady(pb.ServerReadyRequest())).ready
 
 
-async def test_several_models_need_a_name(tmp_path, start_server):
-    repository = tmp_path / "models"
-    write_version(repository, "alpha", 1)
-    write_version(repository, "beta", 3, labels=("x", "y"))
-    server = await start_server(repository)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
-        stub = cpb_grpc.ClassifierStub(chan)
-        assert list((await stub.GetModelInfo(cpb.GetModelInfoRequest(model_name="beta"))).labels) == ["x", "y"]
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.GetModelInfo(cpb.GetModelInfoRequest())
-        assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "name a model" in caught.value.details()
-
-
 async def test_metrics_count_requests_by_status_code(tiny_server, channel):
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     await stub.ModelInfer(infer_request(images(2)))

@@ -46,4 +46,5 @@ class ClassifierServicer(ServicerBase, pb_grpc.ClassifierServicer):
             max_batch_size=self.core.max_batch_size,
             execution_provider=served.model.provider,
             versions=[str(v) for v in self.core.versions(served.name)],
+            is_default=served.name == self.core.default_model,
         )

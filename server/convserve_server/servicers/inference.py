@@ -54,7 +54,9 @@ def _check_requested_outputs(request: pb.ModelInferRequest, served: ServedVersio
                                 f"{quoted(served.model.card.output_name)}")
 
 
-def _param(value: str | int) -> pb.InferParameter:
+def _param(value: str | int | bool) -> pb.InferParameter:
+    if isinstance(value, bool):
+        return pb.InferParameter(bool_param=value)
     return pb.InferParameter(int64_param=value) if isinstance(value, int) else pb.InferParameter(string_param=value)
 
 
@@ -101,6 +103,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
                 "labels": _param(json.dumps(list(card.labels))),
                 "preprocessing": _param(card.preprocessing.to_json()),
                 "max_batch_size": _param(self.core.max_batch_size),
+                "default": _param(served.name == self.core.default_model),
             },
         )
 

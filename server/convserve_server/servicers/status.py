@@ -54,7 +54,7 @@ class ServicerBase:
         if name is None:
             name = getattr(request, "name", "")
         if not name:
-            return self.core.only_model or "unknown"
+            name = self.core.default_model
         return name if self.core.serves(name) else "unknown"
 
 
