@@ -23,6 +23,7 @@ from convserve_server.config import ServerConfig
 from convserve_server.core import InferenceCore
 from convserve_server.errors import StartupError
 from convserve_server.metrics import ServerMetrics
+from convserve_server.ports import check_port_free
 from convserve_server.servicers.classifier import ClassifierServicer
 from convserve_server.servicers.inference import InferenceServicer
 from convserve_server.servicers.registration import add_unary_service
@@ -77,6 +78,8 @@ class ConvserveServer:
             self._server,
         )
         address = f"{config.host}:{config.port}"
+        if config.workers == 1:  # workers bind beside their siblings; the parent checked the port for them
+            check_port_free(config.host, config.port)
         credentials = _server_credentials(config)
         try:
             if credentials is None:

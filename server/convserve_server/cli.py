@@ -10,7 +10,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -19,6 +18,7 @@ from typing import Sequence
 from convserve_server import eventloop
 from convserve_server.config import ServerConfig, load_config
 from convserve_server.errors import StartupError
+from convserve_server.ports import check_port_free
 
 log = logging.getLogger("convserve_server")
 _PROG = "convserve-serve"
@@ -80,7 +80,7 @@ def _run_workers(config: ServerConfig) -> int:
     """
     _configure_logging(config)
     try:
-        _check_port_free(config.host, config.port)
+        check_port_free(config.host, config.port)
     except StartupError as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)
         return 1
@@ -107,25 +107,6 @@ def _run_workers(config: ServerConfig) -> int:
                 log.error("%s exited with status %d; stopping the other workers", worker.name, worker.exitcode)
                 _stop(running)
     return status
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """StartupError if anything listens on ``host:port``.
-
-    Workers bind with SO_REUSEPORT, which the kernel also grants beside another
-    server's SO_REUSEPORT sockets: two ``--workers`` servers would share the port,
-    each answering some connections.  A plain bind (SO_REUSEADDR only, which
-    ignores TIME_WAIT) fails beside any listening socket, so it is a fair test.
-    """
-    if port == 0:
-        return
-    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
 
 
 def _stop(workers: list[multiprocessing.process.BaseProcess]) -> None:

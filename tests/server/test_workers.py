@@ -1,4 +1,4 @@
-"""``--workers``: a busy port is a one-line error in every mode, and workers never outlive their parent."""
+"""A busy port is a one-line error in every mode, and ``--workers`` never outlive their parent."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ def one_line_error(process: subprocess.Popen[str]) -> str:
     assert process.returncode != 0, err
     lines = [line for line in err.splitlines() if line.startswith("convserve-serve: error:")]
     assert len(lines) == 1, err
+    assert "add_port" not in err, err  # no gRPC log line of its own before ours
     return lines[0]
 
 
