@@ -102,14 +102,21 @@ def is_built_in(manifest: Manifest) -> bool:
 
 def schema_problems(manifest: Manifest, version: str) -> list[str]:
     """What kubernetes-validate's strict schemas of Kubernetes ``version`` reject in a built-in object."""
+    return list(_schema_problems(json.dumps(manifest, sort_keys=True), version))
+
+
+@functools.lru_cache(maxsize=None)
+def _schema_problems(manifest_json: str, version: str) -> tuple[str, ...]:
+    # Cached by content: the overlays share most objects, and each validation parses the schemas again.
+    manifest = json.loads(manifest_json)
     where = f"{manifest['kind']}/{manifest['metadata']['name']} on Kubernetes {version}"
     try:
         kubernetes_validate.validate(manifest, version, strict=True)
     except kubernetes_validate.ValidationError as exc:
-        return [f"{where}: {'.'.join(map(str, exc.path))}: {exc.message}"]
+        return (f"{where}: {'.'.join(map(str, exc.path))}: {exc.message}",)
     except kubernetes_validate.SchemaNotFoundError as exc:
-        return [f"{where}: {exc.message}"]
-    return []
+        return (f"{where}: {exc.message}",)
+    return ()
 
 
 # --- Kubernetes types inside KServe objects: checked against the same strict schemas --------------

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -117,6 +120,23 @@ def test_the_schema_check_rejects_a_misspelt_field_and_an_unknown_built_in_kind(
     made_up = {"apiVersion": "apps/v1", "kind": "Deploymint", "metadata": {"name": "x"}}
     assert is_built_in(made_up) and schema_problems(made_up, version)
     assert not is_built_in({"apiVersion": "monitoring.coreos.com/v1"})
+
+
+@needs_kustomize
+def test_the_kubernetes_validate_command_agrees_and_only_warns_about_unknown_kinds(tmp_path):
+    rendered, unknown = tmp_path / "base.yaml", tmp_path / "unknown.yaml"
+    rendered.write_text(yaml.safe_dump_all(render_overlay("base")))
+    unknown.write_text(yaml.safe_dump({"apiVersion": "apps/v1", "kind": "Deploymint", "metadata": {"name": "x"}}))
+    versions = [arg for version in KUBERNETES_VERSIONS for arg in ("-k", version)]
+
+    def validate(path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", *versions, str(path)],
+                              capture_output=True, text=True, timeout=60)
+
+    valid = validate(rendered)
+    assert valid.returncode == 0 and valid.stdout == "", valid.stdout
+    warned = validate(unknown)  # exit status 0: why schema_problems treats a missing schema as an error
+    assert warned.returncode == 0 and "WARN" in warned.stdout and "Deploymint" in warned.stdout
 
 
 # --- the server's arguments, probes and drain -----------------------------------------------------
@@ -326,6 +346,7 @@ def test_the_inference_service_uses_the_runtime_raw_with_replicas_a_gpu_and_the_
     assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
     assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
     assert model["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert predictor["securityContext"]["runAsNonRoot"] is True
     container = runtime["spec"]["containers"][0]
     args = container["args"] + model.get("args", [])
     assert drain_contract_problem(predictor["terminationGracePeriodSeconds"], container, args) is None
