@@ -67,7 +67,8 @@ def main(wheel: str) -> None:
     """Read the models of the kserve wheel at ``wheel`` and write :data:`OUTPUT`."""
     tables: dict[str, dict[str, str]] = {}
     with zipfile.ZipFile(wheel) as archive:
-        version = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA")).split("-")[1].split(".dist")[0]
+        metadata = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        version = next(line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Version:"))
         for name in archive.namelist():
             if name.startswith("kserve/models/") and name.endswith(".py"):
                 tables.update(class_tables(archive.read(name).decode()))

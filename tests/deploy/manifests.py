@@ -1,7 +1,8 @@
 """Render and check deploy/'s manifests offline: kustomize, Kubernetes' JSON schemas, KServe's models.
 
-Rendering runs ``kustomize build`` when a standalone kustomize is on PATH, else ``kubectl kustomize``
-(kubectl embeds kustomize); with neither, the tests that render skip and say so. No Python package
+Rendering runs ``kubectl kustomize`` (kubectl embeds kustomize; components need kustomize 3.7 or
+later, kubectl 1.21 or later), else a standalone ``kustomize build``; with neither on PATH, the
+tests that render skip and say so. No Python package
 renders kustomizations faithfully (patches, components), so none is used in their place.
 
 Schema validation uses kubernetes-validate's ``validate(..., strict=True)``, the function its
@@ -43,10 +44,10 @@ Manifest = dict[str, Any]
 
 def kustomize_command() -> list[str] | None:
     """The command that renders a kustomization directory given as its last argument; None if none is installed."""
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
     if shutil.which("kubectl"):
         return ["kubectl", "kustomize"]
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
     return None
 
 
@@ -133,7 +134,8 @@ _NAMED_DEFINITIONS = {
 def _definitions(version: str) -> dict[str, Any]:
     full = next(v for v in reversed(kubernetes_validate.all_versions())
                 if kubernetes_validate.major_minor(v) == version)
-    return kubernetes_validate.schema_contents(f"kubernetes-json-schema/v{full}-local-strict/_definitions.json", version)
+    path = f"kubernetes-json-schema/v{full}-local-strict/_definitions.json"
+    return kubernetes_validate.schema_contents(path, version)
 
 
 def kubernetes_definition(openapi_type: str, version: str) -> str | None:
