@@ -2,8 +2,9 @@
 
 Rendering runs ``kubectl kustomize`` (kubectl embeds kustomize; components need kustomize 3.7 or
 later, kubectl 1.21 or later), else a standalone ``kustomize build``; with neither on PATH, the
-tests that render skip and say so. No Python package
-renders kustomizations faithfully (patches, components), so none is used in their place.
+tests that render skip and say so. No fallback from PyPI fits: its ``kustomize`` (0.6) generates
+manifests in Python rather than rendering kustomizations, and ``pykustomize`` (Go bindings) needs
+Python 3.14.
 
 Schema validation uses kubernetes-validate's ``validate(..., strict=True)``, the function its
 ``kubernetes-validate --strict`` command runs for each object. The command only *warns* when it
