@@ -38,6 +38,19 @@ def existing_versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def newest_model_file(model_dir: Path) -> Path | None:
+    """The model file of the newest version that holds one, or None.
+
+    Only all-digit version folders count: a leftover ``.staging-*`` folder
+    from an interrupted run is not a version, even with a model file in it.
+    """
+    for version in reversed(existing_versions(model_dir)):
+        path = model_dir / str(version) / MODEL_FILENAME
+        if path.is_file():
+            return path
+    return None
+
+
 def check_model_name(name: str) -> str:
     """A model name usable as a folder name and in gRPC requests, or TrainingError."""
     if not _MODEL_NAME.match(name):
