@@ -62,7 +62,8 @@ def keras_pixels(path: Path, color_mode: str = "rgb") -> np.ndarray:
     return keras.utils.img_to_array(keras.utils.load_img(path, color_mode=color_mode))[None]
 
 
-def keras_center_crop(pixels: np.ndarray, height: int, width: int, scale: float = 1.0, offset: float = 0.0) -> np.ndarray:
+def keras_center_crop(pixels: np.ndarray, height: int, width: int,
+                      scale: float = 1.0, offset: float = 0.0) -> np.ndarray:
     """Keras ``CenterCrop(height, width)`` then ``Rescaling(scale, offset)`` on one batched image."""
     model = keras.Sequential([keras.layers.CenterCrop(height, width), keras.layers.Rescaling(scale, offset)])
     return np.asarray(model(pixels))[0]
