@@ -5,11 +5,18 @@ Training (``convserve_training``) and the client SDK both call
 was trained on.  The steps mirror the Keras layers of the original design:
 
 1. decode to an RGB ``uint8`` (or float, 0..255) array;
-2. centre-crop to the model's aspect ratio, as
-   ``keras.layers.Resizing(..., crop_to_aspect_ratio=True)`` does;
-3. resize bilinearly to the model's input size (half-pixel centres, no
-   antialiasing: TensorFlow's ``resize_bilinear``);
-4. rescale, ``x * scale + offset`` in float32, as ``keras.layers.Rescaling``.
+2. fit it to the model's input size, as the spec's ``crop`` mode says:
+
+   - ``center_to_aspect_ratio`` (the default): crop the largest centred box
+     of the model's aspect ratio and resize it bilinearly (half-pixel
+     centres, no antialiasing), as
+     ``keras.layers.Resizing(..., crop_to_aspect_ratio=True)`` does;
+   - ``center``: cut out the centred ``height``×``width`` window, no resize,
+     as ``keras.layers.CenterCrop`` does; an image smaller than the window in
+     either dimension is cropped to the aspect ratio and resized instead,
+     which is what ``CenterCrop`` does then too;
+
+3. rescale, ``x * scale + offset`` in float32, as ``keras.layers.Rescaling``.
 
 The spec (:class:`~convserve_protocol.preprocessing_spec.PreprocessingSpec`) is part of the
 contract package and travels inside the model file, so nothing here hard-codes a size.
@@ -26,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from convserve_client.errors import ImageError
-from convserve_protocol.preprocessing_spec import PreprocessingSpec
+from convserve_protocol.preprocessing_spec import CROP_MODES, PreprocessingSpec
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 """Anything :func:`load_image` accepts: a path, encoded bytes, a Pillow image or an array."""
@@ -108,7 +115,10 @@ def aspect_crop_box(height: int, width: int, target_height: int, target_width: i
     """The centred (top, left, crop_height, crop_width) box of the target's aspect ratio.
 
     Computed as Keras does for ``crop_to_aspect_ratio=True``, in float32, so
-    the integer box matches it exactly.
+    the integer box matches it exactly.  ``CenterCrop`` on an image smaller
+    than its window computes the same box in Python floats when the image's
+    size is known; the two agree while ``width * target_height`` and
+    ``height * target_width`` stay below 2**24, far beyond photo sizes.
     """
     crop_height = int(np.float32(width * target_height) / np.float32(target_width))
     crop_height = max(min(height, crop_height), 1)
@@ -120,7 +130,10 @@ def aspect_crop_box(height: int, width: int, target_height: int, target_width: i
 
 
 def center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """The centred ``height``×``width`` window of an image at least that large (Keras ``CenterCrop``)."""
+    """The centred ``height``×``width`` window of an image at least that large, as Keras ``CenterCrop`` cuts it.
+
+    An odd surplus leaves the extra row or column below and to the right (``top = surplus // 2``).
+    """
     if image.shape[0] < height or image.shape[1] < width:
         raise ValueError(f"cannot crop {image.shape[0]}x{image.shape[1]} to {height}x{width}")
     top = (image.shape[0] - height) // 2
@@ -161,13 +174,27 @@ def rescale(image: np.ndarray, scale: float, offset: float) -> np.ndarray:
     return image.astype(np.float32, copy=False) * np.float32(scale) + np.float32(offset)
 
 
+def crop_to_aspect_and_resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The largest centred box of the target's aspect ratio, resized bilinearly to ``height``×``width``.
+
+    Keras ``Resizing(crop_to_aspect_ratio=True)``, and ``keras.utils.smart_resize``.
+    """
+    top, left, crop_height, crop_width = aspect_crop_box(image.shape[0], image.shape[1], height, width)
+    return resize_bilinear(image[top : top + crop_height, left : left + crop_width], height, width)
+
+
+def fit_to_input(image: np.ndarray, spec: PreprocessingSpec) -> np.ndarray:
+    """Crop (and where the mode needs it, resize) a decoded image to the spec's input size."""
+    if spec.crop == "center" and image.shape[0] >= spec.height and image.shape[1] >= spec.width:
+        return center_crop(image, spec.height, spec.width)
+    # The default mode always comes here; ``center`` does on an image smaller than its window,
+    # because Keras CenterCrop then falls back to smart_resize, the same crop-and-resize.
+    return crop_to_aspect_and_resize(image, spec.height, spec.width)
+
+
 def preprocess(image: ImageInput, spec: PreprocessingSpec) -> np.ndarray:
     """One image, any supported input, to a float32 H×W×3 model input."""
-    pixels = load_image(image)
-    top, left, crop_height, crop_width = aspect_crop_box(pixels.shape[0], pixels.shape[1], spec.height, spec.width)
-    cropped = pixels[top : top + crop_height, left : left + crop_width]
-    resized = resize_bilinear(cropped, spec.height, spec.width)
-    return rescale(resized, spec.scale, spec.offset)
+    return rescale(fit_to_input(load_image(image), spec), spec.scale, spec.offset)
 
 
 def preprocess_batch(images: Sequence[ImageInput], spec: PreprocessingSpec) -> np.ndarray:

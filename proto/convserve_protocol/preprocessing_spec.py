@@ -10,9 +10,14 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+# Still 1 with the ``center`` crop mode: the JSON keeps its shape and every value it could hold
+# before means what it meant, and readers from before ``center`` refuse an unknown crop by name
+# instead of misreading it.  A bump would only make those readers refuse default-mode models too.
 _SPEC_VERSION = 1
-CROP_MODES = ("center_to_aspect_ratio",)
-"""The crop modes a spec may name."""
+
+CROP_MODES = ("center_to_aspect_ratio", "center")
+"""The crop modes a spec may name: ``center_to_aspect_ratio`` (Keras ``Resizing(crop_to_aspect_ratio=True)``)
+or ``center`` (Keras ``CenterCrop``); ``convserve_client.preprocessing`` implements both."""
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,8 @@ class PreprocessingSpec:
     channels: int = 3
     """Colour channels the model takes (RGB)."""
     crop: str = "center_to_aspect_ratio"
-    """Crop applied before resizing: the largest centred box of the model's aspect ratio."""
+    """How an image is fitted to the input size, one of :data:`CROP_MODES`: ``center_to_aspect_ratio``
+    (Keras ``Resizing(crop_to_aspect_ratio=True)``) or ``center`` (Keras ``CenterCrop``)."""
     interpolation: str = "bilinear"
     """Resize method (half-pixel centres, no antialiasing)."""
     scale: float = 1.0 / 255.0
@@ -40,7 +46,7 @@ class PreprocessingSpec:
         if self.channels != 3:
             raise ValueError(f"only 3-channel (RGB) models are supported, got {self.channels}")
         if self.crop not in CROP_MODES:
-            raise ValueError(f"unsupported crop {self.crop!r}")
+            raise ValueError(f"unsupported crop {self.crop!r}; expected one of {', '.join(CROP_MODES)}")
         if self.interpolation != "bilinear":
             raise ValueError(f"unsupported interpolation {self.interpolation!r}")
 

@@ -14,7 +14,6 @@ from convserve_client.errors import ImageError
 from convserve_client.preprocessing import (
     PreprocessingSpec,
     aspect_crop_box,
-    center_crop,
     load_image,
     preprocess,
     preprocess_batch,
@@ -31,13 +30,6 @@ def photos() -> list[np.ndarray]:
     images = load_sample_images().images
     assert all(image.shape == (427, 640, 3) for image in images)
     return images
-
-
-def test_center_crop_equals_keras_center_crop_bit_for_bit(photos):
-    layer = keras.layers.CenterCrop(70, 120)
-    for photo in photos:
-        expected = np.asarray(layer(photo[None].astype(np.float32)))[0]
-        np.testing.assert_array_equal(center_crop(photo, 70, 120).astype(np.float32), expected)
 
 
 def test_rescaling_equals_keras_rescaling_bit_for_bit(photos):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from convserve_training.cli import main
+from convserve_training.cli import main, present_model
+from convserve_training.config import TrainingConfig
 
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
 
@@ -44,7 +49,14 @@ def test_tiny_data_dir_trains_and_each_run_writes_the_next_version(data_dir, tmp
     import onnx
 
     repository = tmp_path / "repo"
-    assert train(["--data-dir", str(data_dir), "--model-repository", str(repository), "--height", "16", "--width", "16"]) == 0
+    # A model file left in a staging folder by an interrupted run is no version: --skip-if-present trains.
+    leftover = repository / "colours" / ".staging-interrupted" / "model.onnx"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"half-written")
+    assert train(["--data-dir", str(data_dir), "--model-repository", str(repository), "--height", "16", "--width", "16",
+                  "--skip-if-present"]) == 0
+    leftover.unlink()
+    leftover.parent.rmdir()
     assert train(["--data-dir", str(data_dir), "--model-repository", str(repository), "--height", "16", "--width", "16"]) == 0
     assert [p.relative_to(repository).as_posix() for p in model_files(repository)] == [
         "colours/1/model.onnx", "colours/2/model.onnx",
@@ -102,7 +114,78 @@ def test_bad_data_dir_is_a_one_line_error_and_leaves_no_model(case, tmp_path, ca
 
 def test_bad_flags_are_refused_before_any_work(tmp_path, capsys):
     assert main(["--epochs", "0", "--model-repository", str(tmp_path)]) == 2
-    assert "--epochs" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == "convserve-train: error: epochs and batch_size must be >= 1"
+    with pytest.raises(SystemExit) as exited:
+        main(["--crop", "stretch"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'stretch'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:
         main(["--help"])
     assert exited.value.code == 0
+
+
+def newest_model_file(model_dir: Path) -> Path | None:
+    """What --skip-if-present finds for the model in ``model_dir``."""
+    return present_model(TrainingConfig(model_repository=model_dir.parent, model_name=model_dir.name))
+
+
+def test_only_numbered_versions_holding_a_model_file_count_as_present(tmp_path):
+    model_dir = tmp_path / "colours"
+    assert newest_model_file(model_dir) is None
+    for folder in (".staging-abc", "9", "10", "11"):
+        (model_dir / folder).mkdir(parents=True)
+    (model_dir / ".staging-abc" / "model.onnx").write_bytes(b"left over")
+    assert newest_model_file(model_dir) is None
+    (model_dir / "9" / "model.onnx").write_bytes(b"nine")
+    (model_dir / "10" / "model.onnx").write_bytes(b"ten")
+    # "11" is empty: not a model; "10" outranks "9" as a number, not as text.
+    assert newest_model_file(model_dir) == model_dir / "10" / "model.onnx"
+
+
+FAST_PATH_DRIVER = """
+import json, sys
+from convserve_training.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(name for name in ("tensorflow", "keras", "tf2onnx") if name in sys.modules)
+print(json.dumps({"code": code, "heavy": heavy}))
+"""
+"""Runs the command in a fresh interpreter and reports its exit code and the heavy modules it loaded."""
+
+FAST_PATH_CPU_S = 2.0
+"""The issue's bound for these paths (17-30 s when they loaded TensorFlow). CPU time, not wall time,
+so that the other processes on a loaded machine cannot fail the test."""
+
+
+def run_fast_path(*args: str) -> tuple[int, list[str], str, str]:
+    """The command in a subprocess: exit code, heavy modules loaded, stdout before the report, stderr."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run([sys.executable, "-c", FAST_PATH_DRIVER, *args], capture_output=True, text=True, timeout=120)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu_s < FAST_PATH_CPU_S, f"{args} took {cpu_s:.2f} s of CPU"
+    *output, report_line = done.stdout.splitlines()
+    report = json.loads(report_line)
+    return report["code"], report["heavy"], "\n".join(output), done.stderr
+
+
+def test_help_argument_errors_and_skip_if_present_do_not_import_tensorflow(tmp_path):
+    code, heavy, output, _ = run_fast_path("--help")
+    assert (code, heavy) == (0, []) and "--crop {center_to_aspect_ratio,center}" in output
+
+    code, heavy, _, err = run_fast_path("--crop", "stretch")
+    assert (code, heavy) == (2, []) and "invalid choice: 'stretch'" in err
+    code, heavy, _, err = run_fast_path("--height", "4")
+    assert (code, heavy) == (2, []) and err.strip() == "convserve-train: error: height and width must be at least 8 " \
+        "(two 3x3 convolutions and two poolings)"
+
+    repository = tmp_path / "repo"
+    for folder in ("1", ".staging-xyz"):
+        (repository / "photos" / folder).mkdir(parents=True)
+        (repository / "photos" / folder / "model.onnx").write_bytes(b"a model")
+    code, heavy, output, _ = run_fast_path("--skip-if-present", "--model-repository", str(repository),
+                                           "--model-name", "photos")
+    assert (code, heavy) == (0, [])
+    assert output == f"{repository / 'photos' / '1' / 'model.onnx'} exists; not training (--skip-if-present)"

@@ -1,87 +1,101 @@
-"""``convserve-train``: train the seed CNN and export it into a model repository."""
+"""``convserve-train``: train the seed CNN and export it into a model repository.
+
+The flags are generated from :class:`~convserve_training.config.TrainingConfig`.
+TensorFlow is imported only once training really starts, so ``--help``,
+argument errors and ``--skip-if-present`` answer in well under a second.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+import typing
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+from convserve_training.config import TrainingConfig
 
 _PROG = "convserve-train"
+_FLAG_TYPES: dict[Any, type] = {Path: Path, str: str, int: int, float: float}
+
+
+def _flag_type(annotation: Any) -> type:
+    """The argparse type of a config field: its own type, or the one non-None type of an ``X | None``."""
+    if annotation in _FLAG_TYPES:
+        return _FLAG_TYPES[annotation]
+    choices = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if len(choices) == 1 and choices[0] in _FLAG_TYPES:
+        return _FLAG_TYPES[choices[0]]
+    raise TypeError(f"TrainingConfig field type {annotation!r} has no flag type")
+
+
+def _shown(default: object) -> str:
+    """A default as ``--help`` prints it."""
+    if default is None:
+        return "unset"
+    return repr(default) if default == "" else str(default)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line's arguments; defaults come from TrainingConfig."""
-    from convserve_training.train import TrainingConfig
-
-    defaults = TrainingConfig()
+    """A flag for every TrainingConfig field, plus ``--quiet`` and ``--skip-if-present``."""
     parser = argparse.ArgumentParser(
         prog=_PROG,
         description="Train the convserve CNN and export it to ONNX. With no arguments it trains "
         "on scikit-learn's bundled digits.",
     )
-    parser.add_argument("--data-dir", type=Path, help="folder with one sub-folder of JPEG/PNG images per class")
-    parser.add_argument("--model-repository", type=Path, default=defaults.model_repository,
-                        help="model repository to write into (default %(default)s)")
-    parser.add_argument("--model-name", default="",
-                        help="model name (default: 'digits', or the --data-dir folder's name)")
-    parser.add_argument("--height", type=int, default=defaults.height, help="input height (default %(default)s)")
-    parser.add_argument("--width", type=int, default=defaults.width, help="input width (default %(default)s)")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="training epochs (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default %(default)s")
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="default %(default)s")
-    parser.add_argument("--validation-fraction", type=float, default=defaults.validation_fraction,
-                        help="default %(default)s")
-    parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction, help="default %(default)s")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
-    parser.add_argument("--opset", type=int, default=defaults.opset, help="ONNX opset (default %(default)s)")
-    parser.add_argument("--min-images-per-class", type=int, default=defaults.min_images_per_class,
-                        help="default %(default)s")
-    parser.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+    hints = typing.get_type_hints(TrainingConfig)
+    for field in dataclasses.fields(TrainingConfig):
+        flag_type = _flag_type(hints[field.name])
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"), dest=field.name, type=flag_type, default=field.default,
+            choices=field.metadata.get("choices"), metavar=None if "choices" in field.metadata else field.name.upper(),
+            help=f"{field.metadata['help']} (default {_shown(field.default)})",
+        )
+    parser.add_argument("--quiet", action="store_true", help="no per-epoch progress (the same as --verbose 0)")
     parser.add_argument("--skip-if-present", action="store_true",
                         help="do nothing if the repository already holds a version of this model")
     return parser
 
 
-def _check(args: argparse.Namespace) -> str | None:
-    if args.height < 8 or args.width < 8:
-        return "--height and --width must be at least 8 (two 3x3 convolutions and two poolings)"
-    if args.epochs < 1 or args.batch_size < 1:
-        return "--epochs and --batch-size must be >= 1"
-    if not (0 < args.validation_fraction < 1 and 0 < args.test_fraction < 1
-            and args.validation_fraction + args.test_fraction < 1):
-        return "--validation-fraction and --test-fraction must be in (0, 1) and sum to less than 1"
-    return None
+def config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    """The config the parsed flags describe; ``ValueError`` names a bad value."""
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainingConfig)}
+    if args.quiet:
+        values["verbose"] = 0
+    return TrainingConfig(**values)
+
+
+def present_model(config: TrainingConfig) -> Path | None:
+    """The newest model file this run would add a version to, if any (staging folders do not count)."""
+    from convserve_protocol.repository import model_versions
+
+    versions = model_versions(config.model_repository / config.resolved_model_name())
+    return versions[-1].path if versions else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    problem = _check(args)
-    if problem:
-        print(f"{_PROG}: error: {problem}", file=sys.stderr)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
         return 2
+    if args.skip_if_present:
+        existing = present_model(config)
+        if existing is not None:
+            print(f"{existing} exists; not training (--skip-if-present)")
+            return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Imported here, not at the top: these load TensorFlow, which takes many seconds.
     from convserve_training.errors import TrainingError
-    from convserve_training.train import TrainingConfig, run_training
+    from convserve_training.train import run_training
 
-    config = TrainingConfig(
-        model_repository=args.model_repository, model_name=args.model_name, data_dir=args.data_dir,
-        height=args.height, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, validation_fraction=args.validation_fraction,
-        test_fraction=args.test_fraction, seed=args.seed, opset=args.opset,
-        min_images_per_class=args.min_images_per_class, verbose=0 if args.quiet else 2,
-    )
-    if args.skip_if_present:
-        from convserve_protocol.repository import MODEL_FILENAME
-
-        existing = sorted((args.model_repository / config.resolved_model_name()).glob(f"*/{MODEL_FILENAME}"))
-        if existing:
-            print(f"{existing[-1]} exists; not training (--skip-if-present)")
-            return 0
     try:
         run_training(config)
     except TrainingError as exc:

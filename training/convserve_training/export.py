@@ -18,11 +18,11 @@ import tensorflow as tf
 import tf2onnx
 
 from convserve_protocol.model_card import ModelCard
+from convserve_training.config import DEFAULT_OPSET
 from convserve_training.errors import TrainingError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-4
 """Largest absolute difference allowed between a Keras and an ONNX probability."""
 BATCH_DIM = "batch"

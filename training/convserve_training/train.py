@@ -16,6 +16,7 @@ import tensorflow as tf
 from convserve_protocol.model_card import ModelCard
 from convserve_protocol.preprocessing_spec import PreprocessingSpec
 from convserve_training import export, report
+from convserve_training.config import TrainingConfig
 from convserve_training.data import Dataset, load_digits_dataset, load_image_folder, split_dataset
 from convserve_training.model import build_model
 from convserve_protocol.repository import MODEL_FILENAME
@@ -23,48 +24,7 @@ from convserve_training.repository import stage_next_version
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "digits"
 REPORT_DIR = "report"
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """Everything one training run needs; the command line fills it."""
-
-    model_repository: Path = Path("models")
-    """Repository to write ``<name>/<version>/model.onnx`` into."""
-    model_name: str = ""
-    """Model name; empty means "digits" for the bundled data, else the data folder's name."""
-    data_dir: Path | None = None
-    """One sub-folder per class; None means scikit-learn's bundled digits."""
-    height: int = 28
-    """Model input height."""
-    width: int = 28
-    """Model input width."""
-    epochs: int = 30
-    """Passes over the training split."""
-    batch_size: int = 32
-    """Images per training step."""
-    learning_rate: float = 1e-3
-    """Adam's learning rate."""
-    validation_fraction: float = 0.1
-    """Share of the data held out for validation curves."""
-    test_fraction: float = 0.2
-    """Share of the data held out for the final test metrics."""
-    seed: int = 42
-    """Seed of the split, the weights and the shuffling."""
-    opset: int = export.DEFAULT_OPSET
-    """ONNX opset to export with."""
-    min_images_per_class: int = 5
-    """Fewest readable images a class folder may have."""
-    verbose: int = 2
-    """Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch."""
-
-    def resolved_model_name(self) -> str:
-        """The model name to write under."""
-        if self.model_name:
-            return self.model_name
-        return self.data_dir.resolve().name if self.data_dir else DEFAULT_MODEL_NAME
 
 
 @dataclass(frozen=True)
@@ -92,7 +52,7 @@ def run_training(config: TrainingConfig, print_fn: Callable[[str], None] = print
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     model_name = config.resolved_model_name()
-    spec = PreprocessingSpec(height=config.height, width=config.width)
+    spec = PreprocessingSpec(height=config.height, width=config.width, crop=config.crop)
 
     # Data: the same preprocessing as the client, then a stratified split.
     dataset = _load_dataset(config, spec)
