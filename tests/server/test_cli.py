@@ -15,13 +15,13 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from convserve_bench.processes import ServerProcess, free_port, wait_until_ready
 from convserve_client.protos import grpc_predict_v2_pb2 as pb
 from convserve_client.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server.errors import StartupError
 from convserve_server.runtime import CUDA, DeviceRequest, OnnxModel
 
 from tests.models import tiny_model, write_version
-from tests.process import ServerProcess, free_port, wait_until_ready
 
 
 def serve(*args: str) -> subprocess.Popen[str]:
