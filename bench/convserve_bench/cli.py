@@ -32,6 +32,7 @@ from convserve_bench.processes import ChildServer, ServerExited, ServerNotReady,
 from convserve_bench.report import describe_machine, markdown, write_plot
 from convserve_bench.rounds import LoadTarget, Measured, measure_step
 from convserve_bench.rpc import ModelUnavailable, ServedModel, read_served_model
+from convserve_server.repository import VersionPath, scan_repository
 
 _PROG = "convserve-bench"
 REFERENCE_SERVERS = "convserve_bench.servers"
@@ -130,45 +131,13 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace, steps: list[tuple[int, int]], event_loop: str,
          stack: contextlib.ExitStack) -> dict[str, Any]:
     """Start the servers (stopped when ``stack`` closes), run every step and the memory run; the report."""
-    convserve: ServerProcess | None = None
-    if args.model_repository is not None:
-        repository = _check_repository(args.model_repository, args.model)
-        convserve = stack.enter_context(ServerProcess(args.model_repository, *_convserve_flags(args),
-                                                      ready_timeout_s=args.ready_timeout))
-        address = convserve.address
-    else:
-        repository = {}
-        address = args.target
-        wait_until_ready(address, None, args.ready_timeout)
-    model = _served_model(address, args.model, repository)
-    model_path = _model_file(repository, model)
-    served_pids = convserve.process_tree() if convserve is not None else []
-    metrics_ports = ([convserve.metrics_port + worker for worker in range(_workers(args.server_args))]
-                     if convserve is not None else [])
-    targets = [LoadTarget(SERVED, address, args.protocol, served_pids, metrics_ports)]
-    in_process = None
-    if not args.no_ceilings:
-        noop = stack.enter_context(ChildServer(REFERENCE_SERVERS, "noop", "--classes", str(model.classes),
-                                               "--output-name", model.output_name, "--event-loop", args.event_loop,
-                                               ready_timeout_s=args.ready_timeout))
-        targets.append(LoadTarget(NOOP, noop.address, OIP, noop.process_tree()))
-        if model_path is not None:
-            naive = stack.enter_context(ChildServer(REFERENCE_SERVERS, "naive", "--model-path", str(model_path),
-                                                    ready_timeout_s=args.ready_timeout))
-            targets.append(LoadTarget(NAIVE, naive.address, OIP, naive.process_tree()))
-            in_process = SingleThreadedModel(model_path, model.input_name, model.image_shape)
+    served, model, model_path = _start_convserve(args, stack)
+    targets = [served, *_start_references(args, stack, model, model_path)]
+    in_process = (SingleThreadedModel(model_path, model.input_name, model.image_shape)
+                  if model_path is not None and not args.no_ceilings else None)
     print(f"loading {model.name} version {model.version}: input {model.input_name!r} {list(model.image_shape)}, "
           f"{model.classes} classes; servers: {', '.join(t.name for t in targets)}", flush=True)
-
-    report: dict[str, Any] = {
-        "machine": {**describe_machine(), "event_loop": event_loop},
-        "settings": {"steps": args.steps, "duration_s": args.duration, "warmup_s": args.warmup,
-                     "rounds": args.rounds, "min_requests": args.min_requests, "protocol": args.protocol,
-                     "server_args": args.server_args},
-        "model": {"name": model.name, "version": model.version, "input_name": model.input_name,
-                  "image_shape": list(model.image_shape), "classes": model.classes},
-        "steps": [], "in_process": [], "composite": [], "ratios": [], "server_memory": {},
-    }
+    report = _empty_report(args, event_loop, model)
     memory = report["server_memory"]
     started = time.monotonic()
     for concurrency, images in steps:
@@ -177,23 +146,65 @@ def _run(args: argparse.Namespace, steps: list[tuple[int, int]], event_loop: str
         measured, timings = measure_step(targets, model, step, args.rounds, args.processes, in_process, batch)
         rows = {name: _row(step, name, result) for name, result in measured.items()}
         report["steps"].extend(rows.values())
-        if served_pids:
-            _note_rss(memory, rss_mb(served_pids))
+        if served.pids:
+            _note_rss(memory, rss_mb(served.pids))
         _print_rows(rows)
         if timings:
             report["in_process"].append(_in_process_entry(step, timings))
         _add_ceiling_and_ratios(report, step, rows, report["in_process"][-1] if timings else None)
     memory["load_seconds"] = time.monotonic() - started
-    if served_pids and args.memory_seconds > 0:
-        memory.update(memory_growth(address, args.protocol, model, served_pids, max(c for c, _ in steps),
+    if served.pids and args.memory_seconds > 0:
+        memory.update(memory_growth(served.address, args.protocol, model, served.pids, max(c for c, _ in steps),
                                     args.memory_seconds, args.processes))
     return report
 
 
-def _check_repository(repository: Path, model: str) -> dict[str, Any]:
-    """The repository's models by name; BenchError if it holds none, or not the one named."""
-    from convserve_server.repository import scan_repository
+def _start_convserve(args: argparse.Namespace,
+                     stack: contextlib.ExitStack) -> tuple[LoadTarget, ServedModel, Path | None]:
+    """convserve as a load target (started here with ``--model-repository``), the model it serves, and that
+    model's file (None for ``--target``)."""
+    if args.model_repository is None:
+        wait_until_ready(args.target, None, args.ready_timeout)
+        return LoadTarget(SERVED, args.target, args.protocol), _served_model(args.target, args.model, {}), None
+    repository = _check_repository(args.model_repository, args.model)
+    server = stack.enter_context(ServerProcess(args.model_repository, *_convserve_flags(args),
+                                               ready_timeout_s=args.ready_timeout))
+    model = _served_model(server.address, args.model, repository)
+    metrics_ports = [server.metrics_port + worker for worker in range(_workers(args.server_args))]
+    target = LoadTarget(SERVED, server.address, args.protocol, server.process_tree(), metrics_ports)
+    return target, model, _model_file(repository, model)
 
+
+def _start_references(args: argparse.Namespace, stack: contextlib.ExitStack, model: ServedModel,
+                      model_path: Path | None) -> list[LoadTarget]:
+    """The do-nothing server and, given the model's file, the naive server, started (none with --no-ceilings)."""
+    if args.no_ceilings:
+        return []
+    noop = stack.enter_context(ChildServer(REFERENCE_SERVERS, "noop", "--classes", str(model.classes),
+                                           "--output-name", model.output_name, "--event-loop", args.event_loop,
+                                           ready_timeout_s=args.ready_timeout))
+    targets = [LoadTarget(NOOP, noop.address, OIP, noop.process_tree())]
+    if model_path is not None:
+        naive = stack.enter_context(ChildServer(REFERENCE_SERVERS, "naive", "--model-path", str(model_path),
+                                                ready_timeout_s=args.ready_timeout))
+        targets.append(LoadTarget(NAIVE, naive.address, OIP, naive.process_tree()))
+    return targets
+
+
+def _empty_report(args: argparse.Namespace, event_loop: str, model: ServedModel) -> dict[str, Any]:
+    return {
+        "machine": {**describe_machine(), "event_loop": event_loop},
+        "settings": {"steps": args.steps, "duration_s": args.duration, "warmup_s": args.warmup,
+                     "rounds": args.rounds, "min_requests": args.min_requests, "protocol": args.protocol,
+                     "server_args": args.server_args},
+        "model": {"name": model.name, "version": model.version, "input_name": model.input_name,
+                  "image_shape": list(model.image_shape), "classes": model.classes},
+        "steps": [], "in_process": [], "composite": [], "ratios": [], "server_memory": {},
+    }
+
+
+def _check_repository(repository: Path, model: str) -> dict[str, list[VersionPath]]:
+    """The repository's models by name; BenchError if it holds none, or not the one named."""
     found = scan_repository(repository)
     if not found:
         raise BenchError(f"no model in {repository} (run make train)")
@@ -217,7 +228,7 @@ def _workers(server_args: str) -> int:
         return 1  # the server itself refused these flags already, in its own words
 
 
-def _served_model(address: str, name: str, repository: dict[str, Any]) -> ServedModel:
+def _served_model(address: str, name: str, repository: dict[str, list[VersionPath]]) -> ServedModel:
     try:
         return read_served_model(address, name)
     except ModelUnavailable as exc:
@@ -225,13 +236,12 @@ def _served_model(address: str, name: str, repository: dict[str, Any]) -> Served
         raise BenchError(f"cannot read the model's metadata: {exc}{hint}") from None
 
 
-def _model_file(repository: dict[str, Any], model: ServedModel) -> Path | None:
-    """The file of the version the server serves (None without a repository)."""
-    versions = repository.get(model.name, [])
-    for version in versions:
+def _model_file(repository: dict[str, list[VersionPath]], model: ServedModel) -> Path:
+    """The file of the version the server serves; BenchError if the repository lacks it."""
+    for version in repository.get(model.name, []):
         if str(version.version) == model.version:
-            return Path(version.path)
-    return Path(versions[-1].path) if versions else None
+            return version.path
+    raise BenchError(f"the server serves {model.name} version {model.version}, which {_PROG} cannot find on disk")
 
 
 def _row(step: Step, name: str, measured: Measured) -> dict[str, Any]:
