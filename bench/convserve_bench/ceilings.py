@@ -7,7 +7,9 @@ batch 32 for single-image steps at concurrency 8 or more (a batching server can 
 many), and at the request's own size otherwise (so batch 1 for single images at concurrency 1).
 
 Throughput: 1 / (1 / do-nothing requests/s + model seconds per request).
-Latency: do-nothing p50 + model median seconds per request.
+Latency: do-nothing p50 + model seconds per request.
+The model's time is the median run's: on a shared machine, runs that another process preempted
+would make the ceiling lower, and the targets easier, by chance.
 The figures are plain dicts, as they appear in ``bench.json``, so anyone can recompute them.
 """
 
@@ -60,13 +62,12 @@ def composite_batch(concurrency: int, images_per_request: int) -> int:
 def composite(noop: Mapping[str, Any], model: Mapping[str, Any], images_per_request: int) -> dict[str, float]:
     """The composite ceiling from the do-nothing server's figures and the model's in-process timing.
 
-    ``model`` holds ``batch`` and the ``mean_s`` and ``median_s`` seconds of one run at that batch size.
+    ``model`` holds ``batch`` and ``median_s``, the median seconds of one run at that batch size.
     """
-    per_image_mean = model["mean_s"] / model["batch"]
-    per_image_median = model["median_s"] / model["batch"]
-    seconds = _divide(1.0, noop["requests_per_s"]) + per_image_mean * images_per_request
+    model_s = model["median_s"] / model["batch"] * images_per_request
+    seconds = _divide(1.0, noop["requests_per_s"]) + model_s
     return {"requests_per_s": _divide(1.0, seconds), "images_per_s": _divide(images_per_request, seconds),
-            "p50_ms": noop["p50_ms"] + 1000 * per_image_median * images_per_request}
+            "p50_ms": noop["p50_ms"] + 1000 * model_s}
 
 
 def ratios(served: Mapping[str, Any], naive: Mapping[str, Any] | None,

@@ -18,13 +18,13 @@ def test_the_model_is_timed_at_batch_32_only_for_single_images_at_concurrency_8_
     assert composite_batch(1, 64) == 64
 
 
-def test_the_composite_adds_the_models_time_for_the_requests_images_to_the_do_nothing_servers():
+def test_the_composite_adds_the_models_median_time_for_the_requests_images_to_the_do_nothing_servers():
     noop = {"requests_per_s": 1000.0, "p50_ms": 0.8}  # 1 ms of server per request
-    model = {"batch": 32, "mean_s": 0.0032, "median_s": 0.0016}  # 100 µs per image on average, 50 µs median
+    model = {"batch": 32, "mean_s": 0.0064, "median_s": 0.0032}  # the median run: 100 µs per image
     single = composite(noop, model, 1)
     assert single["requests_per_s"] == pytest.approx(1 / 0.0011)
     assert single["images_per_s"] == pytest.approx(1 / 0.0011)
-    assert single["p50_ms"] == pytest.approx(0.85)
+    assert single["p50_ms"] == pytest.approx(0.9)
     sixty_four = composite(noop, {"batch": 64, "mean_s": 0.0064, "median_s": 0.0064}, 64)
     assert sixty_four["requests_per_s"] == pytest.approx(1 / 0.0074)
     assert sixty_four["images_per_s"] == pytest.approx(64 / 0.0074)
@@ -120,7 +120,7 @@ def test_report_tables_every_row_with_the_ceiling_and_charts_only_sizes_with_sev
     assert "| 1 × 1 | composite ceiling (model at batch 1) | 1,800 | 1,800 | 0.40 / – / – | – | – | – |" in text
     rows = [line for line in text.splitlines() if line.startswith("| 1 × 1 | ") and "none |" in line]
     assert [line.split(" | ")[1] for line in rows] == ["convserve", "naive", "do-nothing"]
-    assert "8 × 64 at batch 64: 6.400 ms mean, 6.000 ms median (100.0 µs per image)" in text
+    assert "8 × 64 at batch 64: 6.000 ms median (93.8 µs per image), 6.400 ms mean" in text
     machine = describe_machine()
     assert machine["vector_instructions"] in {"AVX-512", "AVX2", "no AVX2", "unknown"}
     assert text.startswith(f"Machine: {machine['cpus']} CPUs ({machine['cpu_model']}, {machine['vector_instructions']})")
