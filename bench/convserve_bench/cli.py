@@ -28,7 +28,16 @@ from convserve_bench import ceilings, servers
 from convserve_bench.ceilings import NAIVE, NOOP, SERVED
 from convserve_bench.inprocess import InProcessTiming, SingleThreadedModel
 from convserve_bench.loadgen import OIP, PROTOCOLS, Step, StepResult, run_step, summarize
-from convserve_bench.processes import ChildServer, ServerExited, ServerNotReady, ServerProcess, rss_mb, wait_until_ready
+from convserve_bench.processes import (
+    LOOPBACK,
+    ChildServer,
+    ServerExited,
+    ServerNotReady,
+    ServerProcess,
+    rss_mb,
+    wait_until_ready,
+    wait_until_serving_metrics,
+)
 from convserve_bench.report import describe_machine, markdown, write_plot
 from convserve_bench.rounds import LoadTarget, Measured, measure_step
 from convserve_bench.rpc import ModelUnavailable, ServedModel, read_served_model
@@ -171,6 +180,7 @@ def _start_convserve(args: argparse.Namespace,
                                                ready_timeout_s=args.ready_timeout))
     model = _served_model(server.address, args.model, repository)
     metrics_ports = [server.metrics_port + worker for worker in range(_workers(args.server_args))]
+    wait_until_serving_metrics(LOOPBACK, metrics_ports, args.ready_timeout)  # every worker started
     target = LoadTarget(SERVED, server.address, args.protocol, server.process_tree(), metrics_ports)
     return target, model, _model_file(repository, model)
 

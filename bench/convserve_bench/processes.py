@@ -195,6 +195,23 @@ class ServerProcess(ChildServer):
         return sum(value for sample, value in metric_samples(LOOPBACK, self.metrics_port + worker) if sample == name)
 
 
+def wait_until_serving_metrics(host: str, ports: list[int], timeout_s: float = 60) -> None:
+    """Block until every one of ``ports`` answers /metrics: with ``--workers N`` the first worker can be ready
+    before the others. :class:`ServerNotReady` when ``timeout_s`` runs out."""
+    deadline = time.monotonic() + timeout_s
+    waiting = list(ports)
+    while waiting:
+        try:
+            metric_samples(host, waiting[0])
+            waiting.pop(0)
+            continue
+        except OSError:
+            pass
+        if time.monotonic() >= deadline:
+            raise ServerNotReady(f"no metrics at {host}:{waiting[0]} after {timeout_s:.0f} s")
+        time.sleep(READY_POLL_S)
+
+
 def metric_samples(host: str, port: int) -> list[tuple[str, float]]:
     """Every sample on a Prometheus endpoint, as (name with labels, value)."""
     text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
