@@ -39,9 +39,10 @@ test: install
 soak: install
 	$(BIN)/python -m pytest -m soak -v -s
 
-## bench: benchmark the server against its ceilings; writes bench-results/
+## bench: benchmark the server against its references and ceilings (docs/benchmarking.md); writes bench-results/
+## (several models: make bench MODEL=NAME)
 bench: train
-	$(BIN)/convserve-bench --model-repository $(MODELS) --output bench-results
+	$(BIN)/convserve-bench --model-repository $(MODELS) --output bench-results $(if $(MODEL),--model $(MODEL))
 
 GENERATED := proto/convserve_protocol/protos
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnxruntime as ort
-from convserve_protocol.protos import classifier_pb2 as cpb
+from convserve_bench.rpc import classify_request
+from convserve_bench.rpc import infer_request as _infer_request
 from convserve_protocol.protos import classifier_pb2_grpc as cpb_grpc
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -50,7 +51,7 @@ class GoodCallers:
                     response = infer(infer_request(batch), timeout=10)
                     got = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(expected.shape)
                     np.testing.assert_allclose(got, expected, atol=1e-5)
-                    labels = classify(cpb.ClassifyRequest(images=batch.tobytes(), shape=batch.shape), timeout=10)
+                    labels = classify(classify_request(batch, ""), timeout=10)
                     assert [r.top_k[0].class_index for r in labels.results] == expected.argmax(axis=1).tolist()
                 except (grpc.RpcError, AssertionError) as exc:
                     with self._lock:
@@ -61,7 +62,5 @@ class GoodCallers:
 
 
 def infer_request(batch: np.ndarray) -> pb.ModelInferRequest:
-    request = pb.ModelInferRequest(model_name="tiny")
-    request.inputs.add(name="image", datatype="FP32", shape=list(batch.shape))
-    request.raw_input_contents.append(batch.astype("<f4").tobytes())
-    return request
+    """A ModelInfer request for the tiny test model (tests.models)."""
+    return _infer_request(batch, "tiny", "image")

@@ -21,10 +21,10 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from convserve_client import AsyncClient
-from convserve_client.model_card import ModelCard
+from convserve_protocol.model_card import ModelCard
 from convserve_client.preprocessing import PreprocessingSpec, preprocess
 from tests.models import tiny_model, write_version
-from tests.process import ServerProcess
+from convserve_bench.processes import ServerProcess
 
 HEIGHT, WIDTH = 32, 48
 PROBABILITY_TOLERANCE = 1e-5

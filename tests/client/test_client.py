@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from convserve_bench.processes import free_port
 from convserve_client import (
     AsyncClient,
     AuthenticationError,
@@ -32,7 +33,6 @@ from convserve_protocol.protos import classifier_pb2, classifier_pb2_grpc
 from convserve_client.preprocessing import preprocess
 from convserve_protocol.preprocessing_spec import PreprocessingSpec
 from tests.models import TINY_LABELS
-from tests.process import free_port
 
 FAST_RETRY = RetryPolicy(max_attempts=40, initial_backoff=0.01, max_backoff=0.1)
 

@@ -15,13 +15,13 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from convserve_bench.processes import ServerProcess, free_port, wait_until_ready, wait_until_serving_metrics
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server.errors import StartupError
 from convserve_server.runtime import CUDA, DeviceRequest, OnnxModel
 
 from tests.models import tiny_model, write_version
-from tests.process import ServerProcess, free_port, wait_until_ready
 
 
 def serve(*args: str) -> subprocess.Popen[str]:
@@ -82,6 +82,8 @@ def test_workers_share_the_grpc_port_and_each_serves_its_own_metrics(tiny_repo):
     request.inputs.add(name="image", datatype="FP32", shape=[1, 8, 8, 3])
     request.raw_input_contents.append(np.zeros((1, 8, 8, 3), "<f4").tobytes())
     with ServerProcess(tiny_repo, "--workers", "2") as server:
+        # Ready means one worker answered; the other may still be starting, and its metrics with it.
+        wait_until_serving_metrics("127.0.0.1", [server.metrics_port, server.metrics_port + 1])
         for _ in range(8):  # one connection each: the kernel spreads connections, not requests
             with grpc.insecure_channel(server.address) as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from convserve_bench.processes import ServerProcess
 from convserve_protocol.protos import classifier_pb2 as cpb
 from convserve_protocol.protos import classifier_pb2_grpc as cpb_grpc
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
@@ -24,7 +25,6 @@ from hypothesis import strategies as st
 
 from tests.callers import SHAPE, GoodCallers, infer_request
 from tests.models import write_version
-from tests.process import ServerProcess
 
 CLEAR_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 MAX_MESSAGE_BYTES = 256 * 1024

@@ -18,10 +18,10 @@ import grpc.aio
 import numpy as np
 import pytest
 
+from convserve_bench.processes import ServerProcess
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.models import write_version
-from tests.process import ServerProcess
 
 QUEUE = 8
 OVERLOAD_SECONDS = 4.0

@@ -11,12 +11,12 @@ import grpc
 import numpy as np
 import pytest
 
+from convserve_bench.processes import ServerProcess
 from convserve_protocol.protos import classifier_pb2 as cpb
 from convserve_protocol.protos import classifier_pb2_grpc as cpb_grpc
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.callers import SHAPE, GoodCallers, infer_request
 from tests.models import write_version
-from tests.process import ServerProcess
 
 SOAK_SECONDS = float(os.environ.get("CONVSERVE_SOAK_SECONDS", "240"))
 SETTLE_SECONDS = 20.0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.process import ServerProcess, free_port
+from convserve_bench.processes import ServerProcess, free_port
 
 
 def start(repository: Path, port: int, *flags: str) -> subprocess.Popen[str]:

@@ -1,0 +1,94 @@
+"""The composite ceiling of each step, convserve's ratios to it and to the naive server, and the targets.
+
+The composite ceiling is what a server could do if it cost no more than the do-nothing server's
+gRPC and Python plus the model itself: the do-nothing server's time per request, plus
+single-threaded in-process ONNX Runtime's time for the request's images. The model is timed at
+batch 32 for single-image steps at concurrency 8 or more (a batching server can gather that
+many), and at the request's own size otherwise (so batch 1 for single images at concurrency 1).
+
+Throughput: 1 / (1 / do-nothing requests/s + model seconds per request).
+Latency: do-nothing p50 + model seconds per request.
+The model's time is the median run's: on a shared machine, runs that another process preempted
+would make the ceiling lower, and the targets easier, by chance.
+The figures are plain dicts, as they appear in ``bench.json``, so anyone can recompute them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+SERVED = "convserve"  # the target names in the report's rows
+NOOP = "do-nothing"
+NAIVE = "naive"
+COMPOSITE = "composite"
+GATHERED_BATCH = 32
+GATHERING_CONCURRENCY = 8
+
+
+@dataclass(frozen=True)
+class Target:
+    """One performance target: a ratio of one step, and the bound it must stay within."""
+
+    what: str
+    concurrency: int
+    images_per_request: int
+    ratio: str  # key in the report's ratios
+    bound: float
+    at_least: bool  # True: ratio >= bound; False: ratio <= bound
+
+    def met(self, value: float) -> bool:
+        """Whether ``value`` of :attr:`ratio` meets the target (never for NaN)."""
+        return value >= self.bound if self.at_least else value <= self.bound
+
+
+TARGETS = (
+    Target("throughput vs the composite ceiling", 32, 1, "throughput_vs_composite", 0.85, True),
+    Target("p50 vs the composite ceiling", 1, 1, "p50_vs_composite", 1.15, False),
+    Target("p50 vs the naive server", 1, 1, "p50_vs_naive", 1.0, False),
+    Target("throughput vs the single-threaded composite", 8, 64, "throughput_vs_composite", 1.74, True),
+)
+
+
+def composite_batch(concurrency: int, images_per_request: int) -> int:
+    """The batch size the model is timed at for a step's composite ceiling."""
+    if images_per_request == 1 and concurrency >= GATHERING_CONCURRENCY:
+        return GATHERED_BATCH
+    return images_per_request
+
+
+def composite(noop: Mapping[str, Any], model: Mapping[str, Any], images_per_request: int) -> dict[str, float]:
+    """The composite ceiling from the do-nothing server's figures and the model's in-process timing.
+
+    ``model`` holds ``batch`` and ``median_s``, the median seconds of one run at that batch size.
+    """
+    model_s = model["median_s"] / model["batch"] * images_per_request
+    seconds = _divide(1.0, noop["requests_per_s"]) + model_s
+    return {"requests_per_s": _divide(1.0, seconds), "images_per_s": _divide(images_per_request, seconds),
+            "p50_ms": noop["p50_ms"] + 1000 * model_s}
+
+
+def ratios(served: Mapping[str, Any], naive: Mapping[str, Any] | None,
+           ceiling: Mapping[str, Any] | None) -> dict[str, float]:
+    """convserve's throughput and p50 over the composite ceiling's and the naive server's, and the naive server's
+    over the composite ceiling's (keys absent where a reference was not run)."""
+    found: dict[str, float] = {}
+    if ceiling is not None:
+        found["throughput_vs_composite"] = _divide(served["requests_per_s"], ceiling["requests_per_s"])
+        found["p50_vs_composite"] = _divide(served["p50_ms"], ceiling["p50_ms"])
+    if naive is not None:
+        found["throughput_vs_naive"] = _divide(served["requests_per_s"], naive["requests_per_s"])
+        found["p50_vs_naive"] = _divide(served["p50_ms"], naive["p50_ms"])
+        if ceiling is not None:
+            found["naive_throughput_vs_composite"] = _divide(naive["requests_per_s"], ceiling["requests_per_s"])
+            found["naive_p50_vs_composite"] = _divide(naive["p50_ms"], ceiling["p50_ms"])
+    return found
+
+
+def _divide(numerator: float, denominator: float) -> float:
+    """NaN, not an error or infinity, where a figure is missing or zero."""
+    if not denominator or math.isnan(denominator) or math.isnan(numerator):
+        return float("nan")
+    return numerator / denominator

@@ -1,0 +1,88 @@
+"""One step of the benchmark: its measured time split into rounds that alternate between the servers.
+
+Every round loads each server in turn (in an order that rotates from round to round) and then times
+the model in this process, so that a noisy machine's drift hits all of them alike, and the spread
+of the rounds' figures shows how noisy it was.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from convserve_bench.inprocess import InProcessTiming, SingleThreadedModel
+from convserve_bench.loadgen import Step, StepResult, run_step
+from convserve_bench.processes import LOOPBACK, cpu_seconds, metric_samples
+from convserve_bench.rpc import ServedModel
+
+LATER_ROUND_WARMUP_S = 0.2
+MAX_IN_PROCESS_S = 1.0
+BATCH_SIZE_METRIC = "convserve_batch_size"
+
+
+@dataclass(frozen=True)
+class LoadTarget:
+    """A server to load: its address, the API to call, its processes (for CPU) and its metrics ports (if any)."""
+
+    name: str
+    address: str
+    protocol: str
+    pids: list[int] = field(default_factory=list)
+    metrics_ports: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Measured:
+    """What one server did in one step: all rounds together, each round, its CPU, and its batches if it says."""
+
+    total: StepResult = field(default_factory=StepResult)
+    rounds: list[StepResult] = field(default_factory=list)
+    cpu_seconds: float = 0.0
+    batched_images: float = 0.0
+    model_calls: float = 0.0
+
+
+def measure_step(targets: list[LoadTarget], model: ServedModel, step: Step, rounds: int, processes: int,
+                 in_process: SingleThreadedModel | None, batch: int) -> tuple[dict[str, Measured], list[InProcessTiming]]:
+    """Load each target for ``step`` in ``rounds`` alternating slices; each round then times ``in_process`` at
+    ``batch`` images for half a slice (at most :data:`MAX_IN_PROCESS_S`)."""
+    measured = {target.name: Measured() for target in targets}
+    timings: list[InProcessTiming] = []
+    for index in range(rounds):
+        # The first round warms up fully; later ones only long enough to open their channel.
+        warmup = step.warmup_s if index == 0 else min(step.warmup_s, LATER_ROUND_WARMUP_S)
+        part = Step(step.concurrency, step.images_per_request, step.duration_s / rounds, warmup,
+                    step.min_requests, step.max_duration_s)
+        for target in targets[index % len(targets):] + targets[:index % len(targets)]:
+            _measure_round(target, model, part, processes, measured[target.name])
+        if in_process is not None:
+            timings.append(in_process.time(batch, min(part.duration_s / 2, MAX_IN_PROCESS_S)))
+    return measured, timings
+
+
+def _measure_round(target: LoadTarget, model: ServedModel, part: Step, processes: int, into: Measured) -> None:
+    before = batch_totals(target.metrics_ports)
+    cpu_at_start: list[float] = []
+    # The server's CPU counts from the end of the warm-up, when the measured requests start.
+    timer = threading.Timer(part.warmup_s, lambda: cpu_at_start.append(cpu_seconds(target.pids)))
+    timer.start()
+    result = run_step(target.address, target.protocol, model, part, processes)
+    timer.join()
+    into.cpu_seconds += cpu_seconds(target.pids) - cpu_at_start[0]
+    after = batch_totals(target.metrics_ports)
+    into.batched_images += after[0] - before[0]
+    into.model_calls += after[1] - before[1]
+    into.rounds.append(result)
+    into.total.append(result)
+
+
+def batch_totals(metrics_ports: list[int]) -> tuple[float, float]:
+    """(images, model calls) so far, from the batch-size histograms of every worker's metrics port."""
+    images = calls = 0.0
+    for port in metrics_ports:
+        for sample, value in metric_samples(LOOPBACK, port):
+            if sample.startswith(f"{BATCH_SIZE_METRIC}_sum{{"):
+                images += value
+            elif sample.startswith(f"{BATCH_SIZE_METRIC}_count{{"):
+                calls += value
+    return images, calls
