@@ -167,11 +167,17 @@ class InferenceCore:
 
         Like a poll, each new version is loaded and warmed off to the side before it is swapped in,
         so a bad one (ModelLoadFailed) leaves what is served untouched.  An explicit load retries a
-        version the poller refused.  ModelNotFound if the repository has no such model.
+        version the poller refused.  ModelNotFound if the repository has no such model.  A caller
+        that gives up does not stop the load halfway.
         """
         if not name:
             raise InvalidInput("name the model to load")
+        await asyncio.shield(self._load_model(name))
+
+    async def _load_model(self, name: str) -> None:
         async with self._changing:
+            if self.draining:
+                raise ModelNotReady("server is draining; not loading models")
             versions = scan_repository(self._config.model_repository).get(name)
             if not versions:
                 raise ModelNotFound(f"no model {name!r} in the repository {self._config.model_repository} "
@@ -191,6 +197,9 @@ class InferenceCore:
         """
         if not name:
             raise InvalidInput("name the model to unload")
+        await asyncio.shield(self._unload_model(name))
+
+    async def _unload_model(self, name: str) -> None:
         async with self._changing:
             versions = self._models.pop(name, None)
             if versions is None and name not in scan_repository(self._config.model_repository):
