@@ -55,7 +55,8 @@ for rows in json.loads(sys.argv[2]):
 bad = np.full((1, 8, 8, 3), 0.5, np.float32)
 bad[0, 0, 0, 0] = np.nan
 failure = status_of(lambda: infer("tiny", bad))
-print(json.dumps({"failure": failure, "statistics": client.get_inference_statistics("tiny", as_json=True)}))
+print(json.dumps({"failure": failure, "statistics": client.get_inference_statistics("tiny", as_json=True),
+                  "every_model": client.get_inference_statistics(as_json=True)}))
 """
 
 REPOSITORY_SCRIPT = PRELUDE + """
@@ -118,6 +119,7 @@ async def test_statistics_count_the_requests_sent_and_match_the_metrics(tiny_ser
     after_ms = time.time_ns() // 1_000_000
     assert seen["failure"].startswith("StatusCode.INVALID_ARGUMENT") and "NaN" in seen["failure"]
     [stats] = seen["statistics"]["model_stats"]
+    assert seen["every_model"]["model_stats"] == [stats]
     assert (stats["name"], stats["version"]) == ("tiny", "1")
     assert before_ms <= int(stats["last_inference"]) <= after_ms
     assert int(stats["inference_count"]) == sum(rows_per_request)

@@ -25,6 +25,7 @@ BACKEND = "onnxruntime"
 EXTENSIONS = ("convserve.v1.Classifier", "grpc.health.v1.Health", "grpc.reflection",
               "model_configuration", "statistics", "model_repository")
 FP32 = "FP32"
+UINT32_MAX = 2**32 - 1
 
 
 def _server_version() -> str:
@@ -77,7 +78,7 @@ def _model_config(setup: ModelConfiguration) -> pb.ModelConfig:
         output=[pb.ModelOutput(name=setup.output_name, data_type=pb.TYPE_FP32, dims=[setup.num_classes])],
         dynamic_batching=pb.ModelDynamicBatching(
             max_queue_delay_microseconds=setup.max_queue_delay_us,
-            default_queue_policy=pb.ModelQueuePolicy(max_queue_size=setup.max_queue_size),
+            default_queue_policy=pb.ModelQueuePolicy(max_queue_size=min(setup.max_queue_size, UINT32_MAX)),
         ),
         instance_group=[pb.ModelInstanceGroup(name=setup.name, kind=kind, count=setup.instances)],
         default_model_filename=MODEL_FILENAME,
@@ -126,7 +127,8 @@ def _check_repository_request(repository_name: str, parameters: Mapping[str, obj
 
 
 class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
-    """Health, metadata and inference in the standard protocol."""
+    """Health, metadata and inference in the standard protocol, and Triton's configuration, statistics and
+    model repository extensions."""
 
     @rpc("ServerLive")
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
