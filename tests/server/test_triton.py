@@ -145,16 +145,21 @@ async def test_statistics_count_the_requests_sent_and_match_the_metrics(tiny_ser
 async def test_repository_index_load_and_unload(tiny_repo, tiny_server, tmp_path):
     stage_model(tmp_path, tiny_repo, "other", 1, seed=7, labels=("x", "y", "z"))
     seen = await run_tritonclient(REPOSITORY_SCRIPT, address(tiny_server))
-    assert seen["index_before"] == [{"name": "other", "version": "1", "state": "UNAVAILABLE", "reason": "not loaded yet"},
-                                    {"name": "tiny", "version": "1", "state": "READY"}]
+    assert seen["index_before"] == [
+        {"name": "other", "version": "1", "state": "UNAVAILABLE", "reason": "not loaded yet"},
+        {"name": "tiny", "version": "1", "state": "READY"},
+    ]
     assert seen["load_absent"].startswith("StatusCode.NOT_FOUND") and "absent" in seen["load_absent"]
     assert seen["other_before_load"].startswith("StatusCode.NOT_FOUND")
     assert seen["other_ready"] is True
     image = np.full((1, 8, 8, 3), 0.5, np.float32)
-    np.testing.assert_allclose(seen["other_probabilities"], reference(tiny_repo / "other/1/model.onnx", image), atol=1e-6)
+    np.testing.assert_allclose(seen["other_probabilities"], reference(tiny_repo / "other/1/model.onnx", image),
+                               atol=1e-6)
     assert seen["tiny_after_unload"].startswith("StatusCode.NOT_FOUND")
-    assert seen["index_after_unload"] == [{"name": "other", "version": "1", "state": "READY"},
-                                          {"name": "tiny", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}]
+    assert seen["index_after_unload"] == [
+        {"name": "other", "version": "1", "state": "READY"},
+        {"name": "tiny", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"},
+    ]
     np.testing.assert_allclose(seen["tiny_after_reload"], reference(tiny_repo / "tiny/1/model.onnx", image), atol=1e-6)
 
 
@@ -190,6 +195,50 @@ async def test_the_poller_leaves_an_unloaded_model_alone_until_it_is_loaded(tiny
         await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny"))
         response = await stub.ModelInfer(infer_request(np.ones((1, 8, 8, 3), np.float32)))
         assert response.model_version == "2"
+
+
+async def test_load_and_unload_under_load_fail_no_request_that_was_accepted(tiny_repo, start_server, tmp_path):
+    server = await start_server(tiny_repo, versions_per_model=1)
+    async with grpc.aio.insecure_channel(address(server)) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        answers: list[str] = []  # each request's model version, or its status code's name
+        stop = asyncio.Event()
+        request = infer_request(np.ones((2, 8, 8, 3), np.float32))
+
+        async def keep_asking() -> None:
+            while not stop.is_set():
+                try:
+                    answers.append((await stub.ModelInfer(request)).model_version)
+                except grpc.aio.AioRpcError as exc:
+                    answers.append(exc.code().name)
+
+        async def until_answered(answer: str) -> int:
+            start = len(answers)
+            deadline = time.monotonic() + 30
+            while answer not in answers[start:]:
+                assert time.monotonic() < deadline, f"never answered {answer}; last: {answers[-5:]}"
+                await asyncio.sleep(0.01)
+            return start
+
+        callers = [asyncio.ensure_future(keep_asking()) for _ in range(4)]
+        await until_answered("1")
+        stage_model(tmp_path, tiny_repo, "tiny", 2, seed=3)
+        await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny"))
+        await until_answered("2")
+        before_unload = len(answers)
+        await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="tiny"))
+        unloaded_at = len(answers)
+        await until_answered("NOT_FOUND")
+        before_reload = len(answers)
+        await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny"))
+        await until_answered("2")
+        stop.set()
+        await asyncio.gather(*callers)
+    # Never UNAVAILABLE or INTERNAL: a request is either answered by a loaded version or told NOT_FOUND.
+    assert set(answers) <= {"1", "2", "NOT_FOUND"}, set(answers)
+    assert "NOT_FOUND" not in answers[:before_unload]
+    # Once the unload has returned, only the 4 callers' requests already in flight may still be answered.
+    assert set(answers[unloaded_at + 4 : before_reload]) == {"NOT_FOUND"}
 
 
 async def test_a_load_that_fails_leaves_the_served_version_serving(tiny_repo, tiny_server):
@@ -239,7 +288,8 @@ async def test_the_extensions_need_the_auth_token(tiny_repo, start_server):
 @pytest.fixture
 def perf_analyzer() -> tuple[str, dict[str, str]]:
     """perf_analyzer from the tritonclient wheel, and an environment in which its libraries load; skips if not."""
-    binary = shutil.which("perf_analyzer", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    search_path = os.pathsep.join(filter(None, [str(Path(sys.executable).parent), os.environ.get("PATH")]))
+    binary = shutil.which("perf_analyzer", path=search_path)
     if binary is None:
         pytest.skip("perf_analyzer not found: it ships in the tritonclient wheel (the dev extra)")
     try:
@@ -247,7 +297,8 @@ def perf_analyzer() -> tuple[str, dict[str, str]]:
     except ImportError:
         pytest.skip("perf_analyzer needs libcudart.so.12, from the nvidia-cuda-runtime-cu12 wheel (the dev extra)")
     cuda_lib = Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib"
-    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(cuda_lib), os.environ.get("LD_LIBRARY_PATH")]))}
+    library_path = os.pathsep.join(filter(None, [str(cuda_lib), os.environ.get("LD_LIBRARY_PATH")]))
+    env = {**os.environ, "LD_LIBRARY_PATH": library_path}
     linked = subprocess.run(["ldd", binary], env=env, capture_output=True, text=True, check=False).stdout
     missing = [line.split()[0] for line in linked.splitlines() if "not found" in line]
     if missing:

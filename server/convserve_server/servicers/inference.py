@@ -105,7 +105,8 @@ def _model_statistics(served: ServedVersion) -> pb.ModelStatistics:
         ),
         batch_stats=[
             pb.InferBatchStatistics(batch_size=rows, compute_input=pb.StatisticDuration(count=calls.count),
-                                    compute_infer=_duration(calls), compute_output=pb.StatisticDuration(count=calls.count))
+                                    compute_infer=_duration(calls),
+                                    compute_output=pb.StatisticDuration(count=calls.count))
             for rows, calls in sorted(stats.batch_compute.items())
         ],
     )
@@ -119,7 +120,8 @@ def _index_entry(entry: RepositoryEntry) -> pb.RepositoryIndexResponse.ModelInde
 def _check_repository_request(repository_name: str, parameters: Mapping[str, object] | None = None,
                               accepted: frozenset[str] = frozenset()) -> None:
     if repository_name:
-        raise InvalidInput(f"this server has one model repository; leave repository_name empty, got {repository_name!r}")
+        raise InvalidInput(f"this server has one model repository; leave repository_name empty, "
+                           f"got {repository_name!r}")
     unsupported = sorted(set(parameters or ()) - accepted)
     if unsupported:
         raise InvalidInput(f"repository parameters {', '.join(map(repr, unsupported))} are not supported: "
@@ -190,7 +192,9 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @rpc("ModelConfig")
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=_model_config(self.core.configuration(request.name, request.version)))
 
     @rpc("ModelStatistics")
@@ -223,6 +227,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         # tritonclient always sends unload_dependents; convserve models have no dependents (no ensembles).
-        _check_repository_request(request.repository_name, request.parameters, accepted=frozenset({"unload_dependents"}))
+        _check_repository_request(request.repository_name, request.parameters,
+                                  accepted=frozenset({"unload_dependents"}))
         await self.core.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
