@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 MODELS ?= models
 PORT ?= 8500
 
-.PHONY: install train serve test soak bench proto docs clean
+.PHONY: install train serve test perf-deps soak bench proto docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,15 @@ serve: train
 	$(BIN)/convserve-serve --model-repository $(MODELS) --port $(PORT)
 
 ## test: the whole test suite (the soak test is left to `make soak`)
-test: install
+test: install perf-deps
 	$(BIN)/python -m pytest -m "not soak"
+
+## perf-deps: Debian's libb64-0d, which perf_analyzer (in the tritonclient wheel) needs; installed where apt-get
+## can as root, else its test skips and says so
+perf-deps:
+	@ldconfig -p | grep -q 'libb64\.so\.0d' || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null; } \
+		|| echo "libb64-0d not installed: the perf_analyzer test will skip (apt-get install libb64-0d)"
 
 ## soak: the long soak test
 soak: install

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +16,14 @@ from typing import Callable
 
 import numpy as np
 
+from convserve_protocol.repository import VersionPath, is_version_name, links_out_of, scan_repository
 from convserve_server.batcher import BatchObserver, DynamicBatcher
 from convserve_server.config import ServerConfig
-from convserve_server.errors import InvalidInput, ModelNotFound, ModelNotReady, StartupError, quoted
-from convserve_protocol.repository import VersionPath, is_version_name, links_out_of, scan_repository
+from convserve_server.errors import (
+    InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, StartupError, quoted,
+)
 from convserve_server.runtime import CPU, DeviceRequest, OnnxModel
+from convserve_server.statistics import VersionStatistics
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,7 @@ class ServedVersion:
         self.version = source.version
         self.model = model
         self.ready = False
+        self.statistics = VersionStatistics(forward_to=observer)
         self._executor = ThreadPoolExecutor(max_workers=config.model_instances,
                                             thread_name_prefix=f"model-{source.name}-{source.version}")
         self.batcher = DynamicBatcher(
@@ -47,7 +52,7 @@ class ServedVersion:
             max_queue_size=config.max_queue_size,
             inline_budget_s=config.inline_budget_s if model.provider == CPU else 0.0,
             hold_under_load_s=config.hold_under_load_s,
-            observer=observer,
+            observer=self.statistics,
         )
         self._config = config
 
@@ -65,6 +70,34 @@ class ServedVersion:
         self.ready = False
         await self.batcher.close()
         self._executor.shutdown(wait=False)
+
+
+@dataclass(frozen=True)
+class ModelConfiguration:
+    """How a served version is set up: its tensors, and the batching and instances that serve it."""
+
+    name: str
+    version: int
+    input_name: str
+    input_shape: tuple[int, int, int]
+    output_name: str
+    num_classes: int
+    on_gpu: bool
+    max_batch_size: int
+    max_queue_delay_us: int
+    max_queue_size: int
+    instances: int
+    versions_kept: int
+
+
+@dataclass(frozen=True)
+class RepositoryEntry:
+    """One model of the repository folder: a loaded version, or the newest on disk when none is loaded."""
+
+    name: str
+    version: int
+    ready: bool
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -87,6 +120,8 @@ class InferenceCore:
         # The model calls naming none get: --default-model, else the first served at startup, for good.
         self.default_model = config.default_model
         self._refused: dict[Path, FileSignature] = {}  # refused versions' files, as they were then
+        self._unloaded: set[str] = set()  # unloaded on request: the poller leaves them alone until loaded again
+        self._changing = asyncio.Lock()  # one load, unload or poll at a time
         self.draining = False
 
     # --- loading -----------------------------------------------------------------------------
@@ -126,28 +161,87 @@ class InferenceCore:
         their file changes), and stop serving versions deleted from disk.
 
         A deleted version is replaced before it is retired: if it was the newest, the newest version still on
-        disk is loaded first, so that unversioned calls never find the model gone.
+        disk is loaded first, so that unversioned calls never find the model gone.  Models unloaded by
+        :meth:`unload_model` are skipped until :meth:`load_model` names them again.
         """
-        if not self._config.model_repository.is_dir():
-            log.error("model repository %s is missing; serving what is loaded", self._config.model_repository)
-            return
-        found = scan_repository(self._config.model_repository)
-        loop = asyncio.get_running_loop()
-        for name, versions in found.items():
+        async with self._changing:
+            if not self._config.model_repository.is_dir():
+                log.error("model repository %s is missing; serving what is loaded", self._config.model_repository)
+                return
+            found = scan_repository(self._config.model_repository)
+            for name, versions in found.items():
+                if name in self._unloaded:
+                    continue
+                on_disk = {source.version for source in versions}
+                newest_loaded = max((version for version in self._models.get(name, {}) if version in on_disk),
+                                    default=0)
+                for source in versions[-self._config.versions_per_model :]:
+                    if source.version <= newest_loaded or self._still_refused(source):
+                        continue
+                    try:
+                        await self._load_and_swap_in(source, on_disk)
+                    except ModelLoadFailed as exc:  # a bad new version must never stop the old one serving
+                        log.error("%s", exc)
+            await self._retire_deleted(found)
+
+    async def load_model(self, name: str) -> None:
+        """Serve ``name`` from the repository, or pick up its new versions, without a restart.
+
+        Like a poll, each new version is loaded and warmed off to the side before it is swapped in,
+        so a bad one (ModelLoadFailed) leaves what is served untouched.  An explicit load retries a
+        version the poller refused.  ModelNotFound if the repository has no such model.  A caller
+        that gives up does not stop the load halfway.
+        """
+        if not name:
+            raise InvalidInput("name the model to load")
+        await asyncio.shield(self._load_model(name))
+
+    async def _load_model(self, name: str) -> None:
+        async with self._changing:
+            if self.draining:
+                raise ModelNotReady("server is draining; not loading models")
+            versions = scan_repository(self._config.model_repository).get(name)
+            if not versions:
+                raise ModelNotFound(f"no model {quoted(name)} in the repository {self._config.model_repository} "
+                                    f"(expected {name}/<version>/model.onnx)")
+            self._unloaded.discard(name)
             on_disk = {source.version for source in versions}
             newest_loaded = max((version for version in self._models.get(name, {}) if version in on_disk), default=0)
             for source in versions[-self._config.versions_per_model :]:
-                if source.version <= newest_loaded or self._still_refused(source):
-                    continue
-                try:
-                    served = await loop.run_in_executor(None, self._load, source)
-                    await served.warm_up()
-                except Exception as exc:  # a bad new version must never stop the old one serving
-                    self._refused[source.path] = file_signature(source.path)
-                    log.error("refused %s v%d: %s", name, source.version, exc)
-                    continue
-                await self._swap_in(name, served, on_disk)
-        await self._retire_deleted(found)
+                if source.version > newest_loaded:
+                    self._refused.pop(source.path, None)
+                    await self._load_and_swap_in(source, on_disk)
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving ``name``: it answers NOT_FOUND at once, and queued requests are still answered.
+
+        The poller leaves it alone until :meth:`load_model`.  Unloading a model of the repository
+        that is not served is allowed (and keeps the poller off it); an unknown name is ModelNotFound.
+        """
+        if not name:
+            raise InvalidInput("name the model to unload")
+        await asyncio.shield(self._unload_model(name))
+
+    async def _unload_model(self, name: str) -> None:
+        async with self._changing:
+            versions = self._models.pop(name, None)
+            if versions is None and name not in scan_repository(self._config.model_repository):
+                raise ModelNotFound(f"unknown model {quoted(name)}; served: {', '.join(self.model_names()) or 'none'}")
+            self._unloaded.add(name)
+            log.info("unloaded %s", name)
+            if versions:
+                await asyncio.gather(*(served.retire() for served in versions.values()))
+
+    async def _load_and_swap_in(self, source: VersionPath, on_disk: set[int]) -> None:
+        """Load and warm one version beside what is served, then swap it in; ModelLoadFailed (and the
+        version is refused by later polls) if it cannot be."""
+        try:
+            served = await asyncio.get_running_loop().run_in_executor(None, self._load, source)
+            await served.warm_up()
+        except Exception as exc:
+            self._refused[source.path] = file_signature(source.path)
+            raise ModelLoadFailed(f"refused {source.name} v{source.version}: {exc}") from exc
+        await self._swap_in(source.name, served, on_disk)
 
     def _still_refused(self, source: VersionPath) -> bool:
         """Whether a version was refused and its file has not changed since (a half-written file is retried
@@ -224,7 +318,50 @@ class InferenceCore:
         try:
             return self._models[name]
         except KeyError:
-            raise ModelNotFound(f"unknown model {quoted(name)}; served: {', '.join(self.model_names())}") from None
+            raise ModelNotFound(f"unknown model {quoted(name)}; served: {', '.join(self.model_names()) or 'none'}") from None
+
+    def loaded(self, name: str = "", version: str = "") -> list[ServedVersion]:
+        """Every loaded version of every model (no name), of one model (no version), or one version."""
+        if not name:
+            return [served for model in self.model_names() for _, served in sorted(self._models[model].items())]
+        if version:
+            return [self.resolve(name, version)]
+        return [served for _, served in sorted(self._versions_of(name).items())]
+
+    def configuration(self, name: str, version: str = "") -> ModelConfiguration:
+        """The setup of the named (or only) model at the named (or newest) version."""
+        served = self.resolve(name, version)
+        config = self._config
+        return ModelConfiguration(
+            name=served.name, version=served.version, input_name=served.model.card.input_name,
+            input_shape=served.model.input_shape, output_name=served.model.card.output_name,
+            num_classes=served.model.num_classes, on_gpu=served.model.provider != CPU,
+            max_batch_size=config.max_batch_size, max_queue_delay_us=config.max_queue_delay_us,
+            max_queue_size=config.max_queue_size, instances=config.model_instances,
+            versions_kept=config.versions_per_model,
+        )
+
+    def repository_index(self) -> list[RepositoryEntry]:
+        """Each model in the repository folder (and any served one no longer there), by name: one entry per
+        loaded version, or one for the newest version on disk saying why it is not served."""
+        on_disk = scan_repository(self._config.model_repository)
+        entries = []
+        for name in sorted(set(on_disk) | set(self._models)):
+            if name in self._models:
+                for version, served in sorted(self._models[name].items()):
+                    ready = served.ready and not self.draining
+                    reason = "" if ready else ("draining" if self.draining else "warming up")
+                    entries.append(RepositoryEntry(name, version, ready, reason))
+                continue
+            newest = on_disk[name][-1]
+            if name in self._unloaded:
+                reason = "unloaded"
+            elif newest.path in self._refused:
+                reason = "failed to load; see the server log"
+            else:
+                reason = "not loaded yet"
+            entries.append(RepositoryEntry(name, newest.version, False, reason))
+        return entries
 
     def resolve(self, name: str, version: str = "") -> ServedVersion:
         """The named (or default) model at the named (or newest) version."""
@@ -244,9 +381,15 @@ class InferenceCore:
             raise ModelNotReady("server is draining; not accepting new requests")
         if not served.ready:
             raise ModelNotReady(f"model {served.name} v{served.version} is not ready")
-        check_images(images, served.model.input_shape)
-        probabilities = await served.batcher.submit(images, deadline)
-        check_finite_output(probabilities, images)
+        started = time.monotonic()
+        try:
+            check_images(images, served.model.input_shape)
+            probabilities = await served.batcher.submit(images, deadline)
+            check_finite_output(probabilities, images)
+        except Exception:
+            served.statistics.record_failure(time.monotonic() - started)
+            raise
+        served.statistics.record_success(time.monotonic() - started)
         return probabilities
 
     async def classify(

@@ -38,5 +38,9 @@ class DeadlineExpired(ServingError):
     """The caller's deadline passed before the request was computed."""
 
 
+class ModelLoadFailed(ServingError):
+    """A model of the repository could not be loaded or warmed up; what was served stays served."""
+
+
 class StartupError(Exception):
     """The server cannot start: a missing or corrupt model, or an unusable device."""

@@ -1,8 +1,10 @@
-"""The Open Inference Protocol (KServe v2) servicer, ``inference.GRPCInferenceService``."""
+"""The Open Inference Protocol (KServe v2) servicer, ``inference.GRPCInferenceService``, with Triton's
+model configuration, statistics and model repository extensions."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 
 import grpc.aio
@@ -10,15 +12,20 @@ import numpy as np
 
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
-from convserve_server.core import ServedVersion
+from convserve_protocol.repository import MODEL_FILENAME
+from convserve_server.core import ModelConfiguration, RepositoryEntry, ServedVersion
 from convserve_server.errors import InvalidInput, ModelNotFound, quoted
 from convserve_server.servicers.status import ServicerBase, deadline_of, rpc
 from convserve_server.servicers.tensors import checked_shape, fp32_from_bytes, fp32_from_values
+from convserve_server.statistics import Duration, VersionStatistics
 
 SERVER_NAME = "convserve"
 PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ("convserve.v1.Classifier", "grpc.health.v1.Health", "grpc.reflection")
+BACKEND = "onnxruntime"
+EXTENSIONS = ("convserve.v1.Classifier", "grpc.health.v1.Health", "grpc.reflection",
+              "model_configuration", "statistics", "model_repository")
 FP32 = "FP32"
+UINT32_MAX = 2**32 - 1
 
 
 def _server_version() -> str:
@@ -60,8 +67,72 @@ def _param(value: str | int | bool) -> pb.InferParameter:
     return pb.InferParameter(int64_param=value) if isinstance(value, int) else pb.InferParameter(string_param=value)
 
 
+def _model_config(setup: ModelConfiguration) -> pb.ModelConfig:
+    kind = pb.ModelInstanceGroup.KIND_GPU if setup.on_gpu else pb.ModelInstanceGroup.KIND_CPU
+    return pb.ModelConfig(
+        name=setup.name,
+        platform=PLATFORM,
+        backend=BACKEND,
+        version_policy=pb.ModelVersionPolicy(latest=pb.ModelVersionPolicy.Latest(num_versions=setup.versions_kept)),
+        max_batch_size=setup.max_batch_size,
+        input=[pb.ModelInput(name=setup.input_name, data_type=pb.TYPE_FP32, format=pb.ModelInput.FORMAT_NHWC,
+                             dims=list(setup.input_shape))],
+        output=[pb.ModelOutput(name=setup.output_name, data_type=pb.TYPE_FP32, dims=[setup.num_classes])],
+        dynamic_batching=pb.ModelDynamicBatching(
+            max_queue_delay_microseconds=setup.max_queue_delay_us,
+            default_queue_policy=pb.ModelQueuePolicy(max_queue_size=min(setup.max_queue_size, UINT32_MAX)),
+        ),
+        instance_group=[pb.ModelInstanceGroup(name=setup.name, kind=kind, count=setup.instances)],
+        default_model_filename=MODEL_FILENAME,
+    )
+
+
+def _duration(duration: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=duration.count, ns=duration.ns)
+
+
+def _model_statistics(served: ServedVersion) -> pb.ModelStatistics:
+    stats: VersionStatistics = served.statistics
+    # No separate input or output copy step: the model call (compute_infer) holds both, so they take no time.
+    nothing = pb.StatisticDuration(count=stats.compute_infer.count)
+    return pb.ModelStatistics(
+        name=served.name,
+        version=str(served.version),
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(stats.success), fail=_duration(stats.fail), queue=_duration(stats.queue),
+            compute_input=nothing, compute_infer=_duration(stats.compute_infer), compute_output=nothing,
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(batch_size=rows, compute_input=pb.StatisticDuration(count=calls.count),
+                                    compute_infer=_duration(calls),
+                                    compute_output=pb.StatisticDuration(count=calls.count))
+            for rows, calls in sorted(stats.batch_compute.items())
+        ],
+    )
+
+
+def _index_entry(entry: RepositoryEntry) -> pb.RepositoryIndexResponse.ModelIndex:
+    return pb.RepositoryIndexResponse.ModelIndex(name=entry.name, version=str(entry.version),
+                                                 state="READY" if entry.ready else "UNAVAILABLE", reason=entry.reason)
+
+
+def _check_repository_request(repository_name: str, parameters: Mapping[str, object] | None = None,
+                              accepted: frozenset[str] = frozenset()) -> None:
+    if repository_name:
+        raise InvalidInput(f"this server has one model repository; leave repository_name empty, "
+                           f"got {repository_name!r}")
+    unsupported = sorted(set(parameters or ()) - accepted)
+    if unsupported:
+        raise InvalidInput(f"repository parameters {', '.join(map(repr, unsupported))} are not supported: "
+                           "a model's files and configuration come from the repository folder")
+
+
 class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
-    """Health, metadata and inference in the standard protocol."""
+    """Health, metadata and inference in the standard protocol, and Triton's configuration, statistics and
+    model repository extensions."""
 
     @rpc("ServerLive")
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -122,3 +193,44 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         else:
             tensor.contents.fp32_contents.extend(probabilities.ravel().tolist())
         return response
+
+    @rpc("ModelConfig")
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=_model_config(self.core.configuration(request.name, request.version)))
+
+    @rpc("ModelStatistics")
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        if request.version and not request.name:
+            raise InvalidInput("a version needs a model name")
+        served = self.core.loaded(request.name, request.version)
+        return pb.ModelStatisticsResponse(model_stats=[_model_statistics(version) for version in served])
+
+    @rpc("RepositoryIndex")
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        _check_repository_request(request.repository_name)
+        entries = [entry for entry in self.core.repository_index() if entry.ready or not request.ready]
+        return pb.RepositoryIndexResponse(models=[_index_entry(entry) for entry in entries])
+
+    @rpc("RepositoryModelLoad")
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        _check_repository_request(request.repository_name, request.parameters)
+        await self.core.load_model(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc("RepositoryModelUnload")
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        # tritonclient always sends unload_dependents; convserve models have no dependents (no ensembles).
+        _check_repository_request(request.repository_name, request.parameters,
+                                  accepted=frozenset({"unload_dependents"}))
+        await self.core.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()

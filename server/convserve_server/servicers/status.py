@@ -12,7 +12,9 @@ import grpc
 import grpc.aio
 
 from convserve_server.core import InferenceCore
-from convserve_server.errors import DeadlineExpired, InvalidInput, ModelNotFound, ModelNotReady, Overloaded, ServingError
+from convserve_server.errors import (
+    DeadlineExpired, InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, Overloaded, ServingError,
+)
 from convserve_server.metrics import ServerMetrics
 from convserve_server.servicers.registration import MalformedRequest
 
@@ -24,6 +26,7 @@ STATUS_BY_ERROR: dict[type[ServingError], grpc.StatusCode] = {
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ModelLoadFailed: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 MAX_MESSAGE_CHARS = 1024
