@@ -4,9 +4,19 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 MODELS ?= models
 PORT ?= 8500
+
+# ONNX Runtime's GPU build (the `gpu` extra: onnxruntime-gpu with NVIDIA's CUDA and cuDNN wheels) where nvidia-smi is
+# on PATH, else its CPU build; GPU=1 or GPU=0 decides instead. scripts/onnxruntime-build.sh says which, and why.
+GPU ?=
+ORT_CHOICE := $(shell GPU='$(GPU)' $(SHELL) scripts/onnxruntime-build.sh 2>/dev/null)
+ORT_BUILD := $(firstword $(ORT_CHOICE))
+ifeq ($(filter cpu gpu,$(ORT_BUILD)),)
+$(error GPU must be 0, 1 or unset, not '$(GPU)')
+endif
+# One stamp per build, so that changing GPU installs again.
+STAMP := $(VENV)/.installed-$(ORT_BUILD)
 
 .PHONY: install train serve test soak bench proto clean
 
@@ -14,12 +24,25 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# onnxruntime and onnxruntime-gpu both install the `onnxruntime` module, in the same files: never both at once. The
+# server and training extras bring the CPU build; for the GPU build it is removed (with any earlier GPU build whose
+# files it overwrote) and the `gpu` extra installs onnxruntime-gpu into a clean folder. For the CPU build, a GPU build
+# left from before goes first, so that onnxruntime is installed afresh rather than found "already satisfied".
 $(STAMP): $(BIN)/python pyproject.toml client/pyproject.toml
+	rm -f $(VENV)/.installed-*
+ifeq ($(ORT_BUILD),gpu)
 	$(BIN)/pip install --quiet -e ./client -e ".[dev]"
+	$(BIN)/pip uninstall --quiet --quiet --yes onnxruntime onnxruntime-gpu
+	$(BIN)/pip install --quiet -e ".[gpu]"
+else
+	$(BIN)/pip uninstall --quiet --quiet --yes onnxruntime-gpu onnxruntime
+	$(BIN)/pip install --quiet -e ./client -e ".[dev]"
+endif
 	touch $(STAMP)
 
-## install: create .venv and install the client, server, training and test dependencies
+## install: create .venv and install the client, server, training and test dependencies (GPU=0|1: see above)
 install: $(STAMP)
+	@echo "ONNX Runtime: $(ORT_CHOICE)"
 
 ## train: train the default model into $(MODELS)/ unless it is there (a new version: make train FORCE=1)
 train: install
