@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import onnxruntime as ort
 from onnx import TensorProto, helper
@@ -18,9 +19,11 @@ from tests.models import conv_model, tiny_model, write_version
 # call is recorded in order (then made for real).  On the CPU build, CUDA is listed as onnxruntime-gpu lists it where
 # its libraries are missing, so that the runtime takes its CUDA path and falls back to the CPU as it would there.
 RECORDER = textwrap.dedent('''
-    import json, sys
+    import json, logging, sys
     from pathlib import Path
     import onnxruntime as ort
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     calls = []
     real_preload, RealSession, real_available = ort.preload_dlls, ort.InferenceSession, ort.get_available_providers
@@ -46,21 +49,25 @@ RECORDER = textwrap.dedent('''
 
     from convserve_server.runtime import DeviceRequest, OnnxModel
 
-    for path in sys.argv[2:]:
-        OnnxModel.load(Path(path), DeviceRequest("auto"))
-    Path(sys.argv[1]).write_text(json.dumps(calls))
+    providers = [OnnxModel.load(Path(path), DeviceRequest("auto")).provider for path in sys.argv[2:]]
+    Path(sys.argv[1]).write_text(json.dumps({"calls": calls, "providers": providers}))
 ''').replace("{cuda}", CUDA)
 
 
-def test_preload_dlls_runs_once_and_quietly_before_the_first_cuda_session(tmp_path):
-    paths = [write_version(tmp_path / "models", "conv", 1, conv_model()),
-             write_version(tmp_path / "models", "tiny", 1, tiny_model())]
+def load_recorded(tmp_path: Path, *paths: Path) -> tuple[list[dict], list[str], subprocess.CompletedProcess[str]]:
+    """Load the models with ``device auto`` in a recorded process: its onnxruntime calls, the providers, the process."""
     (tmp_path / "recorder.py").write_text(RECORDER)
     record = tmp_path / "calls.json"
     done = subprocess.run([sys.executable, str(tmp_path / "recorder.py"), str(record), *map(str, paths)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    calls = json.loads(record.read_text())
+    result = json.loads(record.read_text())
+    return result["calls"], result["providers"], done
+
+
+def test_preload_dlls_runs_once_and_quietly_before_the_first_cuda_session(tmp_path):
+    calls, _, done = load_recorded(tmp_path, write_version(tmp_path / "models", "conv", 1, conv_model()),
+                                   write_version(tmp_path / "models", "tiny", 1, tiny_model()))
     cuda_sessions = [i for i, call in enumerate(calls) if call["call"] == "session" and CUDA in call["providers"]]
     assert [call["call"] for call in calls].count("preload_dlls") == 1, calls
     assert calls[0]["call"] == "preload_dlls" and len(cuda_sessions) == 2, calls
@@ -69,13 +76,8 @@ def test_preload_dlls_runs_once_and_quietly_before_the_first_cuda_session(tmp_pa
 
 
 def test_cuda_sessions_get_tf32_off_heuristic_conv_search_and_one_intra_op_thread(tmp_path):
-    path = write_version(tmp_path / "models", "conv", 1, conv_model())
-    (tmp_path / "recorder.py").write_text(RECORDER)
-    record = tmp_path / "calls.json"
-    done = subprocess.run([sys.executable, str(tmp_path / "recorder.py"), str(record), str(path)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    calls = [call for call in json.loads(record.read_text()) if call["call"] == "session"]
+    calls, _, _ = load_recorded(tmp_path, write_version(tmp_path / "models", "conv", 1, conv_model()))
+    calls = [call for call in calls if call["call"] == "session"]
     cuda = [call for call in calls if CUDA in call["providers"]]
     assert len(cuda) == 1, calls
     assert cuda[0]["providers"] == [CUDA, CPU]
@@ -84,6 +86,18 @@ def test_cuda_sessions_get_tf32_off_heuristic_conv_search_and_one_intra_op_threa
     assert cuda[0]["intra_op_threads"] == 1
     if len(calls) > 1:  # no usable GPU: the CPU session that replaces the CUDA one gets the CPU's threads back
         assert calls[1]["providers"] == [CPU] and calls[1]["intra_op_threads"] == 0, calls  # 0: ORT's default
+
+
+def test_auto_runs_on_cuda_or_else_warns_once_per_model_why_and_reports_the_cpu(tmp_path):
+    _, providers, done = load_recorded(tmp_path, write_version(tmp_path / "models", "conv", 1, conv_model()),
+                                       write_version(tmp_path / "models", "tiny", 1, tiny_model()))
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING convserve_server.runtime:")]
+    if providers == [CUDA, CUDA]:  # a usable GPU
+        assert warnings == [], warnings
+    else:  # no GPU here: the provider reported is the one really used, and one line says why
+        assert providers == [CPU, CPU] and len(warnings) == 2, (providers, done.stderr)
+        assert all("running on the CPU" in line and ("cannot open shared object file" in line or "no usable GPU" in line)
+                   for line in warnings), warnings
 
 
 def test_first_run_error_is_none_for_a_model_that_runs_and_one_line_for_one_that_fails(tmp_path):
