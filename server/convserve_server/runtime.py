@@ -87,13 +87,17 @@ def _preload_cuda_libraries() -> None:
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
         return
+    failure = ""
     with tempfile.TemporaryFile(mode="w+") as c_output, contextlib.redirect_stdout(io.StringIO()) as py_output, \
             contextlib.redirect_stderr(py_output), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with _file_descriptors_to(c_output):
-            preload()
+            try:
+                preload()
+            except Exception as exc:  # what is missing shows when the provider loads; this only tried to help it
+                failure = f"failed: {exc}"
         c_output.seek(0)
-        said = (py_output.getvalue() + c_output.read()).strip()
+        said = "\n".join(text for text in (py_output.getvalue(), c_output.read(), failure) if text).strip()
     if said:
         log.debug("onnxruntime.preload_dlls: %s", " | ".join(said.splitlines()))
 
@@ -104,7 +108,11 @@ def _file_descriptors_to(file: IO[str]) -> Iterator[None]:
     for stream in (sys.__stdout__, sys.__stderr__):
         if stream is not None:
             stream.flush()
-    saved = [os.dup(1), os.dup(2)]
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no such descriptors: nothing to redirect
+        yield
+        return
     try:
         os.dup2(file.fileno(), 1)
         os.dup2(file.fileno(), 2)
