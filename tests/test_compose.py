@@ -117,13 +117,17 @@ def server_build_args(*files: str) -> dict[str, str]:
 @pytest.mark.parametrize("compose_files", [(), ("docker-compose.yml",)], ids=["docker build", "docker compose"])
 def test_by_default_the_server_image_installs_the_gpu_extra_in_place_of_the_cpu_build(tmp_path, compose_files):
     pip = server_image_pip_commands(tmp_path, server_build_args(*compose_files))
-    assert pip == ['pip install ./client .[server]', 'pip uninstall --yes onnxruntime', 'pip install .[gpu]'], pip
+    gpu = [i for i, command in enumerate(pip) if command.startswith("pip install") and "[gpu]" in command]
+    removal = [i for i, command in enumerate(pip) if command.startswith("pip uninstall") and " onnxruntime" in command]
+    assert len(gpu) == 1 and len(removal) == 1 and 0 < removal[0] < gpu[0], pip  # the CPU build goes, then the GPU one
 
 
 def test_the_cpu_override_builds_the_server_image_without_cuda_wheels_under_its_own_tag(tmp_path):
     args = server_build_args("docker-compose.yml", "docker-compose.cpu.yml")
     assert args == {"GPU": "0"}
     pip = server_image_pip_commands(tmp_path, args)
-    assert pip == ['pip install ./client .[server]'], pip  # the server extra: ONNX Runtime's CPU build only
+    # the server's own requirements only, which bring ONNX Runtime's CPU build (tests/test_packaging.py)
+    assert pip and all(command.startswith("pip install") for command in pip), pip
+    assert not any(word in " ".join(pip) for word in ("[gpu]", "onnxruntime-gpu", "cuda", "nvidia")), pip
     base, cpu = (load(name)["services"]["server"]["image"] for name in ("docker-compose.yml", "docker-compose.cpu.yml"))
     assert cpu != base  # a CPU image never stands in for the GPU one, nor the other way round
