@@ -4,9 +4,21 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
 MODELS ?= models
 PORT ?= 8500
+
+# ONNX Runtime's build, on one line: `gpu` or `cpu`, then why.  GPU=1 or GPU=0 decides; unset, the GPU build exactly
+# when nvidia-smi is on PATH (an NVIDIA driver is).  Where onnxruntime-gpu has no wheel (macOS, Linux aarch64) the
+# gpu extra's markers install the CPU build anyway.
+GPU ?=
+ORT_CHOICE := $(shell case "$(GPU)" in (1) echo "gpu (GPU=1)";; (0) echo "cpu (GPU=0)";; \
+	("") if command -v nvidia-smi >/dev/null 2>&1; then echo "gpu (nvidia-smi found; GPU=0 for the CPU build)"; \
+	     else echo "cpu (no nvidia-smi; GPU=1 for the GPU build)"; fi;; (*) echo invalid;; esac)
+ORT_BUILD := $(firstword $(ORT_CHOICE))
+ifeq ($(filter cpu gpu,$(ORT_BUILD)),)
+$(error GPU must be 0, 1 or unset, not '$(GPU)')
+endif
+STAMP := $(VENV)/.installed-$(ORT_BUILD)
 
 .PHONY: install train serve test perf-deps soak bench proto docs clean
 
@@ -16,12 +28,22 @@ $(BIN)/python:
 
 PARTS := proto client server training
 
+# The two ONNX Runtime builds provide the same module: one is removed before the other is installed.
 $(STAMP): $(BIN)/python pyproject.toml $(foreach part,$(PARTS),$(part)/pyproject.toml)
+	rm -f $(VENV)/.installed-*
+ifeq ($(ORT_BUILD),gpu)
 	$(BIN)/pip install --quiet $(foreach part,$(PARTS),-e ./$(part)) -e ".[dev]"
+	$(BIN)/pip uninstall --quiet --quiet --yes onnxruntime onnxruntime-gpu
+	$(BIN)/pip install --quiet -e "./server[gpu]"
+else
+	$(BIN)/pip uninstall --quiet --quiet --yes onnxruntime-gpu onnxruntime
+	$(BIN)/pip install --quiet $(foreach part,$(PARTS),-e ./$(part)) -e ".[dev]"
+endif
 	touch $(STAMP)
 
 ## install: create .venv and install the client, server, training and test dependencies
 install: $(STAMP)
+	@echo "ONNX Runtime: $(ORT_CHOICE)"
 
 ## train: train the default model into $(MODELS)/ unless it is there (a new version: make train FORCE=1)
 train: install

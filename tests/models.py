@@ -52,6 +52,43 @@ def tiny_model(
             *hidden_weights,
         ],
     )
+    return _model_with_card(graph, labels, height, width, name, version)
+
+
+def conv_model(
+    labels: tuple[str, ...] = TINY_LABELS, height: int = 32, width: int = 32, filters: int = 16, seed: int = 0,
+    name: str = "conv", version: str = "1",
+) -> onnx.ModelProto:
+    """A small CNN on (N, H, W, 3) images, with a full model card: Transpose to NCHW → Conv 3×3 → Relu →
+    GlobalAveragePool → Flatten → Gemm → Softmax.  The convolution is what makes a CUDA run need cuDNN."""
+    rng = np.random.default_rng(seed)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["image"], ["nchw"], perm=[0, 3, 1, 2]),
+            helper.make_node("Conv", ["nchw", "kernel", "kernel_bias"], ["conv"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["conv"], ["relu"]),
+            helper.make_node("GlobalAveragePool", ["relu"], ["pooled"]),
+            helper.make_node("Flatten", ["pooled"], ["features"]),
+            helper.make_node("Gemm", ["features", "weights", "bias"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        ],
+        "conv",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", height, width, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", len(labels)])],
+        initializer=[
+            numpy_helper.from_array((rng.normal(size=(filters, 3, 3, 3)) / np.sqrt(27)).astype(np.float32), "kernel"),
+            numpy_helper.from_array(rng.normal(size=(filters,)).astype(np.float32), "kernel_bias"),
+            numpy_helper.from_array(rng.normal(size=(filters, len(labels))).astype(np.float32), "weights"),
+            numpy_helper.from_array(rng.normal(size=(len(labels),)).astype(np.float32), "bias"),
+        ],
+    )
+    return _model_with_card(graph, labels, height, width, name, version)
+
+
+def _model_with_card(
+    graph: onnx.GraphProto, labels: tuple[str, ...], height: int, width: int, name: str, version: str,
+) -> onnx.ModelProto:
+    """The checked model of ``graph``, its model card in the metadata."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     card = ModelCard(

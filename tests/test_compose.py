@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -79,3 +80,64 @@ def test_the_server_distribution_depends_on_no_training_client_or_imaging_packag
     names = {re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower() for requirement in dependencies}
     assert "convserve-protocol" in names
     assert names.isdisjoint({"convserve-client", "convserve-training", "tensorflow", "tensorflow-cpu", "pillow"})
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile: comments dropped, continued lines joined."""
+    instructions: list[tuple[str, str]] = []
+    pending = ""
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        keyword, _, arguments = pending.strip().partition(" ")
+        instructions.append((keyword.upper(), arguments.strip()))
+        pending = ""
+    return instructions
+
+
+def server_image_pip_commands(tmp_path: Path, build_args: dict[str, str]) -> list[str]:
+    """The pip commands the server Dockerfile's install step runs with ``build_args`` (run by sh, pip faked)."""
+    instructions = dockerfile_instructions(ROOT / "server/Dockerfile")
+    values = dict(arguments.split("=", 1) for keyword, arguments in instructions if keyword == "ARG")
+    values.update(build_args)
+    install = next(arguments for keyword, arguments in instructions if keyword == "RUN" and "pip install" in arguments)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("pip", "useradd"):
+        (tools / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> "{tmp_path}/ran"\n')
+        (tools / tool).chmod(0o755)
+    done = subprocess.run(["/bin/sh", "-c", install], env={"PATH": f"{tools}:/usr/bin:/bin", **values}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return [line for line in (tmp_path / "ran").read_text().splitlines() if line.startswith("pip ")]
+
+
+def server_build_args(*files: str) -> dict[str, str]:
+    """The server's build args once the compose files are merged in order."""
+    merged: dict[str, str] = {}
+    for name in files:
+        merged.update(load(name)["services"]["server"].get("build", {}).get("args", {}))
+    return merged
+
+
+@pytest.mark.parametrize("compose_files", [(), ("docker-compose.yml",)], ids=["docker build", "docker compose"])
+def test_by_default_the_server_image_installs_the_gpu_extra_in_place_of_the_cpu_build(tmp_path, compose_files):
+    pip = server_image_pip_commands(tmp_path, server_build_args(*compose_files))
+    gpu = [i for i, command in enumerate(pip) if command.startswith("pip install") and "[gpu]" in command]
+    removal = [i for i, command in enumerate(pip) if command.startswith("pip uninstall") and " onnxruntime" in command]
+    assert len(gpu) == 1 and len(removal) == 1 and 0 < removal[0] < gpu[0], pip  # the CPU build goes, then the GPU one
+
+
+def test_the_cpu_override_builds_the_server_image_without_cuda_wheels_under_its_own_tag(tmp_path):
+    args = server_build_args("docker-compose.yml", "docker-compose.cpu.yml")
+    assert args == {"GPU": "0"}
+    pip = server_image_pip_commands(tmp_path, args)
+    # the server's own requirements only, which bring ONNX Runtime's CPU build (tests/test_packaging.py)
+    assert pip and all(command.startswith("pip install") for command in pip), pip
+    assert not any(word in " ".join(pip) for word in ("[gpu]", "onnxruntime-gpu", "cuda", "nvidia")), pip
+    base, cpu = (load(name)["services"]["server"]["image"] for name in ("docker-compose.yml", "docker-compose.cpu.yml"))
+    assert cpu != base  # a CPU image never stands in for the GPU one, nor the other way round

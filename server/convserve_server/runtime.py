@@ -2,16 +2,26 @@
 
 ``auto`` tries the CUDA execution provider and keeps it only if the session
 really runs on it: ``onnxruntime-gpu`` lists CUDA even where its libraries
-cannot load, and then quietly falls back to the CPU.  ``cuda`` treats that
-fallback as a startup error.
+cannot load, and then quietly falls back to the CPU; and cuDNN loads only at
+the first convolution, so a CUDA session runs the model once at load.  ``cuda``
+treats either failure as a startup error naming the missing library; ``auto``
+logs one warning and runs on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import io
 import logging
 import os
+import sys
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -47,14 +57,110 @@ def cuda_provider_options(device_id: int) -> dict[str, str]:
     EXHAUSTIVE cuDNN search would benchmark again for every new batch size
     on the request path; the heuristic choice is made once per shape, cheaply.
     Arena growth by what is asked keeps memory close to the largest batch.
+    TF32 is off: it moves probabilities by up to about 2e-3 from the CPU's,
+    and a model must answer the same on either device.
     """
     return {
         "device_id": str(device_id),
         "cudnn_conv_algo_search": "HEURISTIC",
+        "use_tf32": "0",
         "arena_extend_strategy": "kSameAsRequested",
         "do_copy_in_default_stream": "1",
         "cudnn_conv_use_max_workspace": "1",
     }
+
+
+# cuDNN 9's libraries, loaded one by one as operators first need them (the CUDA provider links only libcudnn.so.9).
+_CUDNN_LIBRARIES = ("libcudnn.so.9", "libcudnn_graph.so.9", "libcudnn_ops.so.9", "libcudnn_cnn.so.9",
+                    "libcudnn_engines_precompiled.so.9", "libcudnn_engines_runtime_compiled.so.9",
+                    "libcudnn_heuristic.so.9")
+
+
+@functools.cache
+def _preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of NVIDIA's pip wheels (onnxruntime-gpu's ``cuda,cudnn`` extras), once.
+
+    The CUDA provider finds those libraries only if they are loaded before its first session.
+    ``onnxruntime.preload_dlls`` prints a "Failed to load" line for every one it misses, from Python
+    and from C; what it writes goes to the debug log instead (the provider's own check says what matters).
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    failure = ""
+    with tempfile.TemporaryFile(mode="w+") as c_output, contextlib.redirect_stdout(io.StringIO()) as py_output, \
+            contextlib.redirect_stderr(py_output), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with _file_descriptors_to(c_output):
+            try:
+                preload()
+            except Exception as exc:  # what is missing shows when the provider loads; this only tried to help it
+                failure = f"failed: {exc}"
+        c_output.seek(0)
+        said = "\n".join(text for text in (py_output.getvalue(), c_output.read(), failure) if text).strip()
+    if said:
+        log.debug("onnxruntime.preload_dlls: %s", " | ".join(said.splitlines()))
+
+
+@contextlib.contextmanager
+def _file_descriptors_to(file: IO[str]) -> Iterator[None]:
+    """Point file descriptors 1 and 2 (what C code writes to) at ``file`` for the duration."""
+    for stream in (sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            stream.flush()
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no such descriptors: nothing to redirect
+        yield
+        return
+    try:
+        os.dup2(file.fileno(), 1)
+        os.dup2(file.fileno(), 2)
+        yield
+    finally:
+        for fd, copy in ((1, saved[0]), (2, saved[1])):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+def _missing_cuda_library() -> str | None:
+    """Why the CUDA provider or cuDNN cannot load, as the dynamic loader says it (naming the library), or None.
+
+    ONNX Runtime only logs this; asking the loader for the same libraries gets the reason back.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    provider = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    for library in ([str(provider)] if provider.is_file() else []) + list(_CUDNN_LIBRARIES):
+        try:
+            ctypes.CDLL(library)
+        except OSError as exc:
+            return str(exc).splitlines()[0]
+    return None
+
+
+def first_run_error(session: ort.InferenceSession) -> str | None:
+    """Run the model once on one input of zeros: None if it ran, else why not, in one line.
+
+    A provider can load and still fail at the first operator that needs a library
+    loaded lazily (cuDNN, at the first convolution); this makes that a load-time failure.
+    """
+    dtypes = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32, "tensor(uint8)": np.uint8}
+    feeds = {}
+    for tensor in session.get_inputs():
+        if tensor.type not in dtypes:
+            return None  # nothing sensible to feed; the signature check refuses such a model anyway
+        shape = [dim if isinstance(dim, int) and dim > 0 else 1 for dim in tensor.shape]
+        feeds[tensor.name] = np.zeros(shape, dtype=dtypes[tensor.type])
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = 4  # the error comes back as an exception; ORT's own log line would repeat it
+    try:
+        session.run(None, feeds, run_options)
+    except Exception as exc:  # ORT raises several unrelated types
+        lines = str(exc).strip().splitlines()
+        return lines[0] if lines else type(exc).__name__
+    return None
 
 
 def _session_options(intra_op_threads: int, inter_op_threads: int) -> ort.SessionOptions:
@@ -73,25 +179,43 @@ def _create_session(path: Path, device: DeviceRequest, options: ort.SessionOptio
         return ort.InferenceSession(str(path), options, providers=[CPU])
     if CUDA not in ort.get_available_providers():
         if device.kind == "cuda":
-            raise StartupError("--device cuda: this onnxruntime build has no CUDA execution provider")
+            raise StartupError("--device cuda: this onnxruntime build has no CUDA execution provider "
+                               "(install onnxruntime-gpu: the gpu extra, see docs/gpu.md)")
         return ort.InferenceSession(str(path), options, providers=[CPU])
-    providers: list[str | tuple[str, dict[str, str]]] = [(CUDA, cuda_provider_options(device.device_id)), CPU]
-    if device.kind == "auto":
-        # Probing CUDA on a CPU-only machine makes ORT print errors about missing libraries; our one
-        # log line below says what happened instead.
-        ort.set_default_logger_severity(4)
+    session, problem = _cuda_session(path, device, options)
+    if session is not None:
+        return session
+    if device.kind == "cuda":
+        raise StartupError(f"--device cuda:{device.device_id}: {problem}; not falling back to the CPU")
+    log.warning("CUDA execution provider unusable, running on the CPU: %s", problem)
+    return ort.InferenceSession(str(path), options, providers=[CPU])
+
+
+def _cuda_session(
+    path: Path, device: DeviceRequest, options: ort.SessionOptions,
+) -> tuple[ort.InferenceSession | None, str]:
+    """A session on the CUDA provider that has run the model once, or None and why not."""
+    _preload_cuda_libraries()
+    cpu_threads = options.intra_op_num_threads
+    # The GPU computes; intra-op threads would only wait for it. (The session keeps its own copy of the options.)
+    options.intra_op_num_threads = 1
+    # ORT logs missing libraries and its quiet fallback to the CPU as errors; our one line says what happened.
+    ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(str(path), options, providers=providers)
+        session = ort.InferenceSession(str(path), options,
+                                       providers=[(CUDA, cuda_provider_options(device.device_id)), CPU])
     finally:
+        options.intra_op_num_threads = cpu_threads
         ort.set_default_logger_severity(2)
     if session.get_providers()[0] != CUDA:
-        if device.kind == "cuda":
-            raise StartupError(
-                f"--device cuda:{device.device_id}: the CUDA execution provider failed to load "
-                "(are the CUDA and cuDNN libraries onnxruntime-gpu needs installed?); not falling back to the CPU"
-            )
-        log.info("CUDA execution provider unavailable; running on the CPU")
-    return session
+        missing = _missing_cuda_library()
+        return None, ("the CUDA execution provider failed to load: "
+                      + (missing or "its libraries load, so no usable GPU? (see nvidia-smi)"))
+    problem = first_run_error(session)
+    if problem is not None:
+        missing = _missing_cuda_library()
+        return None, f"the model's first run on CUDA failed: {problem}" + (f" ({missing})" if missing else "")
+    return session, ""
 
 
 class OnnxModel:
