@@ -229,6 +229,10 @@ async def test_load_and_unload_under_load_fail_no_request_that_was_accepted(tiny
         await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="tiny"))
         unloaded_at = len(answers)
         await until_answered("NOT_FOUND")
+        deadline = time.monotonic() + 30
+        while len(answers) < unloaded_at + 12:  # enough answers after the 4 in flight to judge
+            assert time.monotonic() < deadline, f"callers stalled after the unload; last: {answers[-5:]}"
+            await asyncio.sleep(0.01)
         before_reload = len(answers)
         await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="tiny"))
         await until_answered("2")
