@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_ports = [metrics_port + worker for worker in range(_workers(server_args))]
             server = _start(["convserve_server", "--model-repository", str(args.model_repository), "--host", "127.0.0.1",
                              "--port", str(port), "--metrics-port", str(metrics_port), "--poll-interval-s", "0",
-                             "--event-loop", args.event_loop, *server_args])
+                             *server_args])
             children.append(server)
             server_pid = server.process.pid
             address = f"127.0.0.1:{port}"
