@@ -11,9 +11,10 @@ batch; without, it takes what is queued at once, so a lone request on an idle
 model waits for nothing, and under load batches grow by themselves with what
 queued while the instances computed.
 
-Only one idle instance forms a batch at a time; the others wait their turn
-behind it, so N busy instances compute N batches and the queue fills behind
-them.  The loop's side is a future per request, a lock, and one callback per
+Only one instance at a time waits for a batch to fill; a request wakes one
+instance (none while all compute), and an instance leaving requests behind
+wakes the next, so N busy instances compute N batches and the queue fills
+behind them.  The loop's side is a future per request, a lock, and one callback per
 batch: no task is created per request or per batch.
 """
 
@@ -85,10 +86,12 @@ class DynamicBatcher:
         self._max_queue_size = max_queue_size
         self._observer = observer
         self._name = name
-        self._queue: deque[_Pending] = deque()  # shared with the workers: changed under _changed's lock only
+        self._queue: deque[_Pending] = deque()  # shared with the workers: changed under _lock only
         self._queued_rows = 0
-        self._changed = threading.Condition()  # the queue grew, or the batcher is closing
-        self._forming = threading.Lock()  # held by the one idle instance forming the next batch
+        self._lock = threading.RLock()
+        self._has_work = threading.Condition(self._lock)  # idle instances wait here for requests
+        self._grew = threading.Condition(self._lock)  # the one instance waiting for a batch to fill waits here
+        self._filling = False  # an instance is waiting up to the queue delay for a full batch
         self._closing = False
         self._stopped_reason: str | None = None  # set when a worker died: the batcher refuses everything
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -117,9 +120,9 @@ class DynamicBatcher:
 
     async def close(self) -> None:
         """Refuse new requests, answer every queued one, then stop the workers."""
-        with self._changed:
+        with self._lock:
             self._closing = True
-            self._changed.notify_all()
+            self._wake_all()
         if self._stopped is not None:
             await asyncio.shield(self._stopped)
 
@@ -139,12 +142,13 @@ class DynamicBatcher:
         else:
             pending = [_Pending(rows[start : start + size], loop.create_future(), deadline)
                        for start in range(0, len(rows), size)]
-        with self._changed:
+        with self._lock:
             if len(self._queue) + len(pending) > self._max_queue_size:
                 raise Overloaded(f"queue full ({self._max_queue_size} requests waiting); retry later")
             self._queue.extend(pending)
             self._queued_rows += len(rows)
-            self._changed.notify()
+            # Wake one instance only: the one filling a batch, else an idle one (none if all compute).
+            (self._grew if self._filling else self._has_work).notify()
         self._report_depth()
         if len(pending) == 1:
             return await pending[0].future
@@ -182,12 +186,12 @@ class DynamicBatcher:
             self._stopped.set_result(None)
 
     def _fail_queued(self, reason: str) -> None:
-        with self._changed:
+        with self._lock:
             self._closing = True
             failed = list(self._queue)
             self._queue.clear()
             self._queued_rows = 0
-            self._changed.notify_all()
+            self._wake_all()
         self._fail(failed, ModelNotReady(reason))
 
     def _post(self, callback: Callable[..., object], *args: object) -> None:
@@ -220,26 +224,40 @@ class DynamicBatcher:
         finally:
             self._post(self._worker_stopped, reason)
 
+    def _wake_all(self) -> None:
+        """Wake every waiting instance (closing); called with the lock held."""
+        self._has_work.notify_all()
+        self._grew.notify_all()
+
     def _next_batch(self) -> list[_Pending] | None:
         """The next batch to run (empty when all taken had expired or were cancelled); None once closed and
-        drained.  Only one idle instance forms a batch at a time."""
-        with self._forming, self._changed:
-            while not self._queue:
-                if self._closing:
+        drained.  Only one instance at a time waits for a batch to fill; the others wait for work."""
+        with self._lock:
+            while not self._queue or self._filling:
+                if self._closing and not self._queue:
                     return None
-                self._changed.wait()
-            if self._max_queue_delay_s > 0:
-                fill_by = self._queue[0].enqueued + self._max_queue_delay_s
-                while self._queued_rows < self._max_batch_size and not self._closing:
-                    remaining = fill_by - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._changed.wait(remaining)
-            return self._take()
+                self._has_work.wait()
+            if self._max_queue_delay_s > 0 and not self._closing:
+                self._filling = True
+                try:
+                    fill_by = self._queue[0].enqueued + self._max_queue_delay_s
+                    while self._queued_rows < self._max_batch_size and not self._closing:
+                        remaining = fill_by - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._grew.wait(remaining)
+                finally:
+                    self._filling = False
+            batch = self._take()
+            if self._closing:  # the others may wait behind this one's filling: let them see the queue now
+                self._has_work.notify_all()
+            elif self._queue:  # more than one batch was queued: an idle instance takes the next
+                self._has_work.notify()
+            return batch
 
     def _take(self) -> list[_Pending]:
         """Pop up to ``max_batch_size`` rows from the queue's head; fail expired requests, skip cancelled ones.
-        Called with the queue's lock held."""
+        Called with the lock held."""
         batch: list[_Pending] = []
         expired: list[_Pending] = []
         rows = 0

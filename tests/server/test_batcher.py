@@ -273,6 +273,16 @@ async def test_close_answers_every_queued_request_then_refuses_new_ones():
     assert not batcher.running
 
 
+async def test_close_ends_a_queue_delay_early_and_stops_every_instance():
+    model = GatedModel()
+    batcher, watcher = await started(model, instances=3, max_queue_delay_s=3600)
+    accepted = [asyncio.ensure_future(batcher.submit(rows(i))) for i in (1, 2)]
+    await watcher.depth_reaches(2)  # one instance waits for the batch to fill, two for work
+    await asyncio.wait_for(batcher.close(), 10)
+    assert [float(r[0, 0]) for r in await asyncio.gather(*accepted)] == [2, 4]
+    assert model.calls == [[1, 2]]
+
+
 @pytest.mark.parametrize("instances", [1, 3])
 async def test_n_instances_compute_n_batches_at_once_each_on_its_own_thread(instances):
     model = GatedModel(gated=True)
