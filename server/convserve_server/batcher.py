@@ -14,8 +14,8 @@ queued while the instances computed.
 Only one instance at a time waits for a batch to fill; a request wakes one
 instance (none while all compute), and an instance leaving requests behind
 wakes the next, so N busy instances compute N batches and the queue fills
-behind them.  The loop's side is a future per request, a lock, and one callback per
-batch: no task is created per request or per batch.
+behind them.  The loop's side is a future per request, a lock, and one
+callback per batch: no task is created per request or per batch.
 """
 
 from __future__ import annotations
@@ -134,7 +134,9 @@ class DynamicBatcher:
         queue is full, ModelNotReady once the batcher is closing or stopped.
         """
         loop = self._loop
-        if loop is None or self._closing:
+        if loop is None:
+            raise ModelNotReady("the model's batcher has not started")
+        if self._closing:
             raise ModelNotReady(self._stopped_reason or "server is draining; not accepting new requests")
         size = self._max_batch_size
         if len(rows) <= size:
