@@ -1,4 +1,4 @@
-"""The dynamic batcher on its own: pure asyncio, a fake model gated by events, no network, no sleeps."""
+"""The dynamic batcher on its own: pure asyncio, a fake model gated by events, no network, no timed waits."""
 
 from __future__ import annotations
 
