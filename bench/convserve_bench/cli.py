@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--processes", type=int, default=1, help="load-generator processes (default %(default)s)")
     parser.add_argument("--server-args", default="", help="extra flags for the convserve-serve it starts")
     parser.add_argument("--event-loop", choices=servers.EVENT_LOOPS, default="auto",
-                        help="event loop of the do-nothing server and, unless auto, of convserve (default "
-                        "%(default)s: uvloop where installed, as convserve itself picks)")
+                        help="event loop of the do-nothing server (default %(default)s: uvloop where installed, "
+                        "as convserve itself always picks)")
     parser.add_argument("--ready-timeout", type=float, default=120.0,
                         help="seconds to wait for each server to be ready (default %(default)s)")
     parser.add_argument("--no-ceilings", action="store_true",
@@ -224,8 +224,7 @@ def _check_repository(repository: Path, model: str) -> dict[str, list[VersionPat
 
 
 def _convserve_flags(args: argparse.Namespace) -> list[str]:
-    flags = [] if args.event_loop == "auto" else ["--event-loop", args.event_loop]
-    return [*flags, *shlex.split(args.server_args)]
+    return shlex.split(args.server_args)
 
 
 def _workers(server_args: str) -> int:

@@ -61,7 +61,7 @@ def _configure_logging(config: ServerConfig) -> None:
 def _run_worker(config: ServerConfig) -> int:
     _configure_logging(config)
     try:
-        factory = eventloop.loop_factory(config.event_loop)
+        factory = eventloop.loop_factory()
         log.info("event loop: %s", eventloop.loop_name(factory))
         eventloop.run(lambda: serve(config), factory)
     except StartupError as exc:

@@ -12,7 +12,6 @@ from typing import Any, Sequence
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from convserve_server.eventloop import EventLoop
 from convserve_server.runtime import DeviceRequest
 
 
@@ -28,28 +27,16 @@ class ServerConfig(BaseSettings):
                                "startup, in name order; a model added later never changes it)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N; cuda never falls back to the CPU")
     max_batch_size: int = Field(64, ge=1, le=4096, description="most images the model runs at once")
-    max_queue_delay_us: int = Field(0, ge=0, le=10_000_000, description="how long a batch may wait to fill (0: run at once)")
-    max_queue_size: int = Field(1024, ge=1, description="queued requests per model before RESOURCE_EXHAUSTED")
-    small_batch_rows: int = Field(8, ge=0, le=4096, description="CPU only: batches of at most this many images "
-                                  "run in a single-threaded ONNX Runtime session (0: never)")
-    # Handing a batch to the worker and waking the loop again costs about 80 µs of CPU on a fast 2-core host
-    # and 400 µs on one four times slower, where one image takes 240 µs in the server: 1 ms keeps single
-    # images on the loop on both, and bounds how long the loop stops admitting and refusing requests.
-    inline_budget_us: int = Field(1000, ge=0, le=100_000, description="CPU only: a batch expected to compute within "
-                                  "this many microseconds runs on the event-loop thread, not the worker, and a lone "
-                                  "one that finds the model idle runs at once in its caller's task (0: never)")
-    hold_under_load_us: int = Field(1000, ge=0, le=1_000_000, description="with no queue delay: under load, how "
-                                    "long a request finding the model idle may wait for others to batch with; kept "
-                                    "only while such waits gather 4 or more, so a lone caller almost never waits "
-                                    "(0: never)")
-    event_loop: EventLoop = Field("auto", description="asyncio event loop: auto (uvloop where installed, else asyncio's "
-                            "own), uvloop or asyncio")
+    max_queue_delay_us: int = Field(0, ge=0, le=10_000_000, description="how long after the oldest queued request "
+                                    "arrived an idle instance may wait for a full batch (0: take what is queued at once)")
+    max_queue_size: int = Field(1024, ge=1, description="queued requests per model before RESOURCE_EXHAUSTED (a "
+                                "request larger than max_batch_size counts once per chunk)")
     max_concurrent_rpcs: int = Field(4096, ge=1, description="RPCs in progress before new ones get RESOURCE_EXHAUSTED")
     model_instances: int = Field(2, ge=1, le=64, description="batches of one model that may compute at once, each "
-                                 "on its own worker thread (like Triton's instance count); a further one starts only "
-                                 "while a full batch waits, and on the CPU the intra-op threads of batches run under "
-                                 "load are shared out among them")
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0: its default)")
+                                 "on its own worker thread (like Triton's instance count); on the CPU, with "
+                                 "intra-op threads 0, each gets an equal share of the physical cores")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads of each model instance (0: "
+                                  "the physical cores shared out among the instances)")
     inter_op_threads: int = Field(0, ge=0, description="ONNX Runtime inter-op threads (0: its default)")
     metrics_host: str = Field("0.0.0.0", description="address of the Prometheus metrics endpoint")
     metrics_port: int = Field(8501, ge=-1, le=65535, description="Prometheus metrics port (0 picks a free one, -1 "
@@ -110,16 +97,6 @@ class ServerConfig(BaseSettings):
     def max_queue_delay_s(self) -> float:
         """The queue delay in seconds."""
         return self.max_queue_delay_us / 1e6
-
-    @property
-    def hold_under_load_s(self) -> float:
-        """The load-aware hold in seconds."""
-        return self.hold_under_load_us / 1e6
-
-    @property
-    def inline_budget_s(self) -> float:
-        """The inline compute budget in seconds."""
-        return self.inline_budget_us / 1e6
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,6 @@ import asyncio
 import logging
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,44 +31,39 @@ ObserverFactory = Callable[[str], BatchObserver | None]
 
 
 class ServedVersion:
-    """One loaded model version with its own batcher and worker threads (one per model instance)."""
+    """One loaded model version with its own batcher (and so its worker threads, one per model instance)."""
 
     def __init__(self, source: VersionPath, model: OnnxModel, config: ServerConfig, observer: BatchObserver | None):
         self.name = source.name
         self.version = source.version
         self.model = model
-        self.ready = False
         self.statistics = VersionStatistics(forward_to=observer)
-        self._executor = ThreadPoolExecutor(max_workers=config.model_instances,
-                                            thread_name_prefix=f"model-{source.name}-{source.version}")
         self.batcher = DynamicBatcher(
             model.run,
-            self._executor,
-            run_under_load=model.run_under_load,
             max_batch_size=config.max_batch_size,
             instances=config.model_instances,
             max_queue_delay_s=config.max_queue_delay_s,
             max_queue_size=config.max_queue_size,
-            inline_budget_s=config.inline_budget_s if model.provider == CPU else 0.0,
-            hold_under_load_s=config.hold_under_load_s,
             observer=self.statistics,
+            name=f"model-{source.name}-{source.version}",
         )
         self._config = config
 
+    @property
+    def ready(self) -> bool:
+        """Warmed up, and its batcher takes requests (it is not closing and none of its workers died)."""
+        return self.batcher.running
+
     async def warm_up(self) -> None:
-        """Warm the model on its worker thread, then open its batcher."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self.model.warm_up, self._config.max_batch_size)
+        """Warm the model off the event loop, then open its batcher."""
+        await asyncio.to_thread(self.model.warm_up, self._config.max_batch_size)
         self.batcher.start()
-        self.ready = True
         log.info("model %s v%d ready on %s (%d instances)", self.name, self.version, self.model.provider,
                  self._config.model_instances)
 
     async def retire(self) -> None:
-        """Answer what is queued, then free the worker threads."""
-        self.ready = False
+        """Answer what is queued, then stop the model's worker threads."""
         await self.batcher.close()
-        self._executor.shutdown(wait=False)
 
 
 @dataclass(frozen=True)
@@ -129,7 +123,7 @@ class InferenceCore:
     def _load(self, source: VersionPath) -> ServedVersion:
         config = self._config
         model = OnnxModel.load(source.path, self._device, config.intra_op_threads, config.inter_op_threads,
-                               config.small_batch_rows, config.model_instances)
+                               config.model_instances)
         if model.card.model_name != source.name:
             log.warning("%s: card names model %r; serving it as %r", source.path, model.card.model_name, source.name)
         return ServedVersion(source, model, self._config, self._observer_factory(source.name))

@@ -3,6 +3,8 @@
 grpc.aio runs on any asyncio loop.  Every request costs the loop several
 callbacks, task steps and wake-ups, and uvloop does each in fewer
 microseconds; the loop's thread is what bounds a server's requests per second.
+``convserve-serve`` always asks for ``auto``; the other choices are for
+development tools that compare the two loops.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ Result = TypeVar("Result")
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
-def loop_factory(choice: str) -> LoopFactory | None:
+def loop_factory(choice: str = "auto") -> LoopFactory | None:
     """The factory of the loop ``choice`` names (None: asyncio's own); StartupError if uvloop is named but missing."""
     if choice not in CHOICES:
         raise ValueError(f"event loop must be one of {', '.join(CHOICES)}, got {choice!r}")

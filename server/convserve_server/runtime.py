@@ -219,20 +219,13 @@ def _cuda_session(
 
 
 class OnnxModel:
-    """A loaded, checked model version; ``run`` and ``run_under_load`` may be called from several threads at once
-    (an ONNX Runtime session allows concurrent runs)."""
+    """A loaded, checked model version; ``run`` may be called from several threads at once (an ONNX Runtime
+    session allows concurrent runs)."""
 
-    def __init__(
-        self, path: Path, session: ort.InferenceSession, card: ModelCard,
-        small_batch_session: ort.InferenceSession | None = None, small_batch_rows: int = 0,
-        under_load_session: ort.InferenceSession | None = None,
-    ) -> None:
+    def __init__(self, path: Path, session: ort.InferenceSession, card: ModelCard) -> None:
         self.path = path
         self.card = card
         self._session = session
-        self._small_batch_session = small_batch_session or session
-        self._small_batch_rows = small_batch_rows
-        self._under_load_session = under_load_session or session
         self.provider: str = session.get_providers()[0]
         self._input_name = card.input_name
         self._output_names = [card.output_name]
@@ -240,20 +233,18 @@ class OnnxModel:
     @classmethod
     def load(
         cls, path: Path, device: DeviceRequest, intra_op_threads: int = 0, inter_op_threads: int = 0,
-        small_batch_rows: int = 0, instances: int = 1,
+        instances: int = 1,
     ) -> OnnxModel:
         """Load and check a model file; :class:`StartupError` says in one line what is wrong.
 
-        On the CPU, batches of at most ``small_batch_rows`` images run in a second,
-        single-threaded session: for a handful of images, handing work to the
-        intra-op thread pool and waking its sleeping threads costs more than it saves.
-        Larger batches run while the server is busy (see :meth:`run_under_load`) get
-        a session with one intra-op thread fewer than ``intra_op_threads`` (or the cores),
-        shared out among the ``instances`` batches that may run at once (one at least).
+        ``instances`` batches may run at once (one per model instance).  With
+        ``intra_op_threads`` 0 and several instances, each run gets an equal share
+        of the physical cores (see :func:`default_intra_op_threads`), so that
+        instances computing at once do not oversubscribe the CPU.
         """
         if not path.is_file():
             raise StartupError(f"{path}: no such model file")
-        options = _session_options(intra_op_threads, inter_op_threads)
+        options = _session_options(intra_op_threads or default_intra_op_threads(instances), inter_op_threads)
         try:
             session = _create_session(path, device, options)
         except StartupError:
@@ -265,23 +256,15 @@ class OnnxModel:
         except ValueError as exc:
             raise StartupError(f"{path}: {exc}") from exc
         _check_signature(path, session, card)
-        small_batch_session = under_load_session = None
-        if session.get_providers()[0] == CPU:
-            sessions = {intra_op_threads: session}  # by intra-op threads, so that equal ones are shared
-
-            def session_with(threads: int) -> ort.InferenceSession:
-                if threads not in sessions:
-                    options = _session_options(threads, inter_op_threads)
-                    sessions[threads] = ort.InferenceSession(str(path), options, providers=[CPU])
-                return sessions[threads]
-
-            if small_batch_rows > 0:
-                small_batch_session = session_with(1)
-            under_load_session = session_with(max(1, ((intra_op_threads or _usable_cores()) - 1) // instances))
-        model = cls(path, session, card, small_batch_session, small_batch_rows, under_load_session)
-        log.info("loaded %s (%s v%s, %d labels) on %s", path, card.model_name, card.model_version,
-                 len(card.labels), model.provider)
+        model = cls(path, session, card)
+        log.info("loaded %s (%s v%s, %d labels) on %s, %d intra-op threads", path, card.model_name,
+                 card.model_version, len(card.labels), model.provider, model.intra_op_threads)
         return model
+
+    @property
+    def intra_op_threads(self) -> int:
+        """Intra-op threads of each run (0: ONNX Runtime's default, one per physical core)."""
+        return self._session.get_session_options().intra_op_num_threads
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -296,28 +279,23 @@ class OnnxModel:
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Probabilities (N, num_classes) for a float32 (N, H, W, C) batch."""
-        session = self._small_batch_session if len(images) <= self._small_batch_rows else self._session
-        return session.run(self._output_names, {self._input_name: images})[0]
-
-    def run_under_load(self, images: np.ndarray) -> np.ndarray:
-        """:meth:`run` for a batch run while the server is busy (the batcher says when).
-
-        The event loop is then receiving the next requests while the model computes,
-        and intra-op threads on every core would fight it for the CPU, and stall each
-        other at every operator's end whenever one of them loses; so on the CPU a batch
-        too large for the single-threaded session leaves one core to the loop.
-        """
-        session = self._small_batch_session if len(images) <= self._small_batch_rows else self._under_load_session
-        return session.run(self._output_names, {self._input_name: images})[0]
+        return self._session.run(self._output_names, {self._input_name: images})[0]
 
     def warm_up(self, max_batch_size: int) -> None:
         """Run batches of growing size so first requests pay no allocation or kernel-selection cost."""
         sizes = sorted({1, max_batch_size, *(2**i for i in range(1, max_batch_size.bit_length()) if 2**i < max_batch_size)})
         for size in sizes:
-            images = np.zeros((size, *self.input_shape), dtype=np.float32)
-            self.run(images)
-            if self._under_load_session is not self._session:
-                self.run_under_load(images)
+            self.run(np.zeros((size, *self.input_shape), dtype=np.float32))
+
+
+def default_intra_op_threads(instances: int) -> int:
+    """Intra-op threads per run when the operator sets none: ONNX Runtime's default (0, a thread per
+    physical core) for one instance; for several, the physical cores shared out equally, one at least.
+
+    Instances compute at once only under load, and then N runs of all cores each would make N times
+    as many busy threads as cores, stalling each other at every operator's end whenever one loses its core.
+    """
+    return 0 if instances <= 1 else max(1, _usable_cores() // instances)
 
 
 def _usable_cores() -> int:

@@ -1,430 +1,317 @@
-"""The dynamic batcher on its own: pure asyncio, a fake model gated by events, no network."""
+"""The dynamic batcher on its own: pure asyncio, a fake model gated by events, no network, no timed waits."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from convserve_server.batcher import DynamicBatcher, LoadAwareHold
+from convserve_server.batcher import DynamicBatcher
 from convserve_server.errors import DeadlineExpired, ModelNotReady, Overloaded
 
 
-class GatedModel:
-    """Doubles its input; each call records its batch and can be held until released."""
+class ModelCrash(BaseException):
+    """Not an error in a request: something that breaks the model instance itself."""
 
-    def __init__(self, hold: bool = False) -> None:
-        self.calls: list[np.ndarray] = []
-        self.release = threading.Event()
-        self.entered = threading.Event()
-        if not hold:
-            self.release.set()
+
+class GatedModel:
+    """Doubles column 0 of its input; records each call's rows and the calls in progress.
+
+    While ``gate`` is clear, every call waits at it (on its worker thread); ``entered`` counts the calls
+    that reached it.  A NaN row fails the call, as a bad input would; -1 crashes the instance.
+    """
+
+    def __init__(self, *, gated: bool = False) -> None:
+        self.calls: list[list[float]] = []
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+        self.inside = 0
+        self.most_inside = 0
+        self._lock = threading.Lock()
+        self._entered = threading.Condition(self._lock)
+        self.threads: set[str] = set()
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
-        self.entered.set()
-        self.release.wait(timeout=10)
-        self.calls.append(rows.copy())
-        if np.isnan(rows).any():
-            raise ValueError("NaN reached the model")
-        return rows[:, :1] * 2
+        with self._lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            self.calls.append(rows[:, 0].tolist())
+            self.threads.add(threading.current_thread().name)
+            self._entered.notify_all()
+        try:
+            assert self.gate.wait(timeout=10), "the test never opened the gate"
+            if (rows[:, 0] == -1).any():
+                raise ModelCrash("the instance broke")
+            if np.isnan(rows).any():
+                raise ValueError("NaN reached the model")
+            return rows[:, :1] * 2
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+    def wait_inside(self, calls: int) -> None:
+        """Block until ``calls`` calls are computing at once (from the test's thread, not the loop)."""
+        with self._entered:
+            assert self._entered.wait_for(lambda: self.inside >= calls, timeout=10), f"{self.inside} inside"
 
 
-@pytest.fixture
-def executor():
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        yield pool
+class DepthWatcher:
+    """A BatchObserver that lets a test await the queue depth and count the model calls it was told of."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []  # (rows, requests)
+        self._depth_changed = asyncio.Event()
+        self.depth = 0
+
+    def observe_batch(self, rows: int, queue_seconds: list[float], compute_seconds: float) -> None:
+        self.batches.append((rows, len(queue_seconds)))
+
+    def observe_queue_depth(self, requests: int) -> None:
+        self.depth = requests
+        self._depth_changed.set()
+
+    async def depth_reaches(self, requests: int) -> None:
+        while self.depth != requests:
+            self._depth_changed.clear()
+            await asyncio.wait_for(self._depth_changed.wait(), 10)
 
 
 def rows(*values: float) -> np.ndarray:
     return np.array([[v] for v in values], dtype=np.float32)
 
 
-async def wait_until(predicate, timeout: float = 5.0) -> None:
-    """Poll a condition owned by another thread (the model's worker)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.001)
-
-
-async def busy_batcher(executor, first: np.ndarray, **settings) -> tuple[GatedModel, DynamicBatcher, asyncio.Future]:
-    """A started batcher whose model is computing ``first`` and held there until ``model.release`` is set."""
-    model = GatedModel(hold=True)
-    batcher = DynamicBatcher(model, executor, **settings)
+async def started(model: GatedModel, **settings) -> tuple[DynamicBatcher, DepthWatcher]:
+    watcher = DepthWatcher()
+    batcher = DynamicBatcher(model, observer=watcher, **{"max_batch_size": 8, **settings})
     batcher.start()
-    running = asyncio.ensure_future(batcher.submit(first))
-    await wait_until(model.entered.is_set)
-    return model, batcher, running
+    return batcher, watcher
 
 
-async def test_lone_request_runs_at_once_without_waiting(executor):
-    model = GatedModel()
-    batcher = DynamicBatcher(model, executor, max_batch_size=8)
-    batcher.start()
-    result = await batcher.submit(rows(1, 2))
-    np.testing.assert_array_equal(result, rows(2, 4))
-    assert len(model.calls) == 1
+async def busy(model: GatedModel, batcher: DynamicBatcher, first: np.ndarray, instances: int = 1) -> list[asyncio.Task]:
+    """Submit ``first`` once per instance and return once every instance is computing (held at the gate)."""
+    running = [asyncio.ensure_future(batcher.submit(first)) for _ in range(instances)]
+    await asyncio.to_thread(model.wait_inside, instances)
+    return running
+
+
+async def test_a_lone_request_on_an_idle_model_reaches_the_model_with_the_event_loop_blocked():
+    model = GatedModel(gated=True)
+    batcher, _ = await started(model)
+    lone = asyncio.ensure_future(batcher.submit(rows(1, 2)))
+    await asyncio.sleep(0)  # one turn of the loop: the task runs up to its await
+    # Block the loop's thread: if a timer, a task or a hold stood between the request and the model, the
+    # model would never be entered.
+    model.wait_inside(1)
+    model.gate.set()
+    np.testing.assert_array_equal(await lone, rows(2, 4))
+    assert model.calls == [[1, 2]]
     await batcher.close()
 
 
-async def test_requests_queued_while_model_busy_form_one_batch_in_order(executor):
-    model, batcher, first = await busy_batcher(executor, rows(0), max_batch_size=64)
+async def test_with_a_queue_delay_a_full_batch_goes_at_once():
+    model = GatedModel(gated=True)
+    batcher, _ = await started(model, max_batch_size=2, max_queue_delay_s=3600)
+    full = asyncio.ensure_future(batcher.submit(rows(3, 4)))
+    await asyncio.sleep(0)
+    model.wait_inside(1)
+    model.gate.set()
+    np.testing.assert_array_equal(await full, rows(6, 8))
+    await batcher.close()
+
+
+async def test_requests_queued_while_the_model_computes_form_the_next_batch_in_order():
+    model = GatedModel(gated=True)
+    batcher, watcher = await started(model, max_batch_size=64)
+    first = await busy(model, batcher, rows(0))
     others = [asyncio.ensure_future(batcher.submit(rows(i, i + 0.5))) for i in range(1, 6)]
-    await wait_until(lambda: batcher.queue_depth == 5)
-    model.release.set()
-    results = await asyncio.gather(first, *others)
-    assert len(model.calls) == 2, "the five queued requests must share one model call"
-    assert len(model.calls[1]) == 10
+    await watcher.depth_reaches(5)
+    model.gate.set()
+    results = await asyncio.gather(*first, *others)
+    assert model.calls == [[0], [1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 5.5]]
     for i, result in enumerate(results[1:], start=1):
         np.testing.assert_array_equal(result, rows(2 * i, 2 * i + 1))
+    assert watcher.batches == [(1, 1), (10, 5)]
     await batcher.close()
 
 
-async def test_batches_never_exceed_max_and_large_requests_are_split_and_reassembled(executor):
+async def test_the_queue_delay_lets_a_batch_fill_and_a_full_one_goes_without_waiting_it_out():
     model = GatedModel()
-    batcher = DynamicBatcher(model, executor, max_batch_size=4)
-    batcher.start()
+    batcher, watcher = await started(model, max_batch_size=4, max_queue_delay_s=3600)
+    results = []
+    for value in range(4):  # one at a time: each waits for the next, and the fourth fills the batch
+        results.append(asyncio.ensure_future(batcher.submit(rows(value))))
+        await watcher.depth_reaches(value + 1)
+    assert [float(r[0, 0]) for r in await asyncio.gather(*results)] == [0, 2, 4, 6]
+    assert model.calls == [[0, 1, 2, 3]]
+    await batcher.close()
+
+
+async def test_the_queue_delay_ends_and_a_partial_batch_runs():
+    model = GatedModel()
+    batcher, _ = await started(model, max_batch_size=4, max_queue_delay_s=0.05)
+    begun = time.monotonic()
+    np.testing.assert_array_equal(await batcher.submit(rows(1)), rows(2))
+    assert time.monotonic() - begun >= 0.05
+    await batcher.close()
+
+
+async def test_a_full_queue_refuses_at_once_and_the_accepted_requests_are_answered():
+    model = GatedModel(gated=True)
+    batcher, watcher = await started(model, max_batch_size=1, max_queue_size=2)
+    running = await busy(model, batcher, rows(0))
+    queued = [asyncio.ensure_future(batcher.submit(rows(i))) for i in (1, 2)]
+    await watcher.depth_reaches(2)
+    with pytest.raises(Overloaded, match="queue full"):
+        await batcher.submit(rows(3))
+    with pytest.raises(Overloaded):  # an oversized request needs room for all its chunks
+        await batcher.submit(rows(4, 5))
+    model.gate.set()
+    assert [float(r[0, 0]) for r in await asyncio.gather(*running, *queued)] == [0, 2, 4]
+    await batcher.close()
+
+
+async def test_an_oversized_request_is_split_into_batches_and_reassembled_in_order():
+    model = GatedModel()
+    batcher, _ = await started(model, max_batch_size=4)
     values = np.arange(11, dtype=np.float32)
     result = await batcher.submit(values[:, None])
     np.testing.assert_array_equal(result[:, 0], values * 2)
-    assert [len(call) for call in model.calls] == [4, 4, 3]
+    assert model.calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
     await batcher.close()
 
 
-async def test_queue_delay_lets_a_batch_fill(executor):
-    model = GatedModel()
-    batcher = DynamicBatcher(model, executor, max_batch_size=4, max_queue_delay_s=5.0)
-    batcher.start()
-    started = time.monotonic()
-    results = await asyncio.gather(*(batcher.submit(rows(i)) for i in range(4)))
-    assert time.monotonic() - started < 4.0, "a full batch must not wait for the delay"
-    assert [len(call) for call in model.calls] == [4]
-    assert [float(r[0, 0]) for r in results] == [0, 2, 4, 6]
-    await batcher.close()
-
-
-async def test_full_queue_is_refused_at_once(executor):
-    model, batcher, running = await busy_batcher(executor, rows(0), max_batch_size=1, max_queue_size=2)
-    behind = asyncio.ensure_future(batcher.submit(rows(1)))
-    await asyncio.sleep(0)  # let it queue
-    await wait_until(lambda: batcher.queue_depth == 0)  # a full batch: handed to the worker behind the first
-    queued = [asyncio.ensure_future(batcher.submit(rows(i))) for i in (2, 3)]
-    await wait_until(lambda: batcher.queue_depth == 2)
-    with pytest.raises(Overloaded):
-        await batcher.submit(rows(4))
-    model.release.set()
-    assert [float(r[0, 0]) for r in await asyncio.gather(running, behind, *queued)] == [0, 2, 4, 6]
-    await batcher.close()
-
-
-async def test_a_full_batch_queued_while_one_computes_runs_back_to_back_without_the_loop(executor):
-    back_to_back = GatedModel()
-    model, batcher, first = await busy_batcher(executor, rows(0, 1), max_batch_size=2, run_under_load=back_to_back)
-    partial = asyncio.ensure_future(batcher.submit(rows(2)))
-    await asyncio.sleep(0.01)
-    assert batcher.queue_depth == 1  # not full: it waits, so that it may still grow
-    rest = asyncio.ensure_future(batcher.submit(rows(3)))
-    await wait_until(lambda: batcher.queue_depth == 0)  # now full: handed to the worker behind the first
-    model.release.set()
-    # Block the event loop: only a batch already handed to the worker can start now.
-    assert back_to_back.entered.wait(timeout=5)
-    assert [r[:, 0].tolist() for r in await asyncio.gather(first, partial, rest)] == [[0, 2], [4], [6]]
-    assert [c[:, 0].tolist() for c in model.calls] == [[0, 1]]
-    assert [c[:, 0].tolist() for c in back_to_back.calls] == [[2, 3]]
-    await batcher.close()
-
-
-async def test_a_batch_waiting_behind_another_on_the_worker_still_drops_requests_past_their_deadline(executor):
-    model, batcher, running = await busy_batcher(executor, rows(0), max_batch_size=1)
-    deadline = time.monotonic() + 0.5
-    late = asyncio.ensure_future(batcher.submit(rows(1), deadline=deadline))
-    await asyncio.sleep(0)  # let it queue
-    assert batcher.queue_depth == 1
-    await wait_until(lambda: batcher.queue_depth == 0)  # taken, in time, behind the running batch
-    assert time.monotonic() < deadline
-    await wait_until(lambda: time.monotonic() > deadline)
-    model.release.set()
-    assert float((await running)[0, 0]) == 0
-    with pytest.raises(DeadlineExpired):
-        await late
-    assert [c[:, 0].tolist() for c in model.calls] == [[0]]
-    await batcher.close()
-
-
-async def test_a_batch_waiting_behind_another_on_the_worker_drops_requests_whose_callers_gave_up(executor):
-    model, batcher, running = await busy_batcher(executor, rows(0), max_batch_size=1)
-    abandoned = asyncio.ensure_future(batcher.submit(rows(1)))
-    await asyncio.sleep(0)  # let it queue
-    await wait_until(lambda: batcher.queue_depth == 0)  # taken behind the running batch
-    abandoned.cancel()
-    await asyncio.sleep(0)
-    model.release.set()
-    assert float((await running)[0, 0]) == 0
-    assert abandoned.cancelled()
-    kept = await batcher.submit(rows(2))  # the batcher carries on
-    assert float(kept[0, 0]) == 4
-    assert [c[:, 0].tolist() for c in model.calls] == [[0], [2]]
-    await batcher.close()
-
-
-async def test_expired_and_cancelled_requests_are_dropped_before_compute(executor):
-    model, batcher, running = await busy_batcher(executor, rows(0), max_batch_size=8)
+async def test_expired_and_cancelled_requests_are_dropped_before_compute():
+    model = GatedModel(gated=True)
+    batcher, watcher = await started(model)
+    running = await busy(model, batcher, rows(0))
     expired = asyncio.ensure_future(batcher.submit(rows(100), deadline=time.monotonic() - 1))
     cancelled = asyncio.ensure_future(batcher.submit(rows(200)))
     kept = asyncio.ensure_future(batcher.submit(rows(300)))
-    await wait_until(lambda: batcher.queue_depth == 3)
+    await watcher.depth_reaches(3)
     cancelled.cancel()
-    model.release.set()
-    await running
+    model.gate.set()
+    await asyncio.gather(*running)
     with pytest.raises(DeadlineExpired):
         await expired
     assert float((await kept)[0, 0]) == 600
-    computed = np.concatenate(model.calls)[:, 0].tolist()
-    assert 100 not in computed and 200 not in computed
+    assert cancelled.cancelled()
+    assert model.calls == [[0], [300]]
+    assert watcher.batches == [(1, 1), (1, 1)]  # the dropped ones are no model call's rows
     await batcher.close()
 
 
-async def test_one_bad_request_does_not_fail_its_batch_mates(executor):
-    model, batcher, running = await busy_batcher(executor, rows(0), max_batch_size=8)
-    good = asyncio.ensure_future(batcher.submit(rows(1)))
-    bad = asyncio.ensure_future(batcher.submit(rows(float("nan"))))
-    also_good = asyncio.ensure_future(batcher.submit(rows(3)))
-    await wait_until(lambda: batcher.queue_depth == 3)
-    model.release.set()
-    await running
-    assert float((await good)[0, 0]) == 2
-    assert float((await also_good)[0, 0]) == 6
-    with pytest.raises(ValueError, match="NaN"):
-        await bad
-    await batcher.close()
-
-
-async def test_close_answers_queued_requests_and_refuses_new_ones(executor):
-    model = GatedModel(hold=True)
-    batcher = DynamicBatcher(model, executor, max_batch_size=1)
-    batcher.start()
-    accepted = [asyncio.ensure_future(batcher.submit(rows(i))) for i in range(3)]
-    await wait_until(model.entered.is_set)
-    closing = asyncio.ensure_future(batcher.close())
-    await asyncio.sleep(0)
-    with pytest.raises(ModelNotReady):
-        await batcher.submit(rows(9))
-    model.release.set()
-    await closing
-    assert [float(r[0, 0]) for r in await asyncio.gather(*accepted)] == [0, 2, 4]
-
-
-async def test_model_returning_wrong_row_count_fails_every_caller(executor):
-    batcher = DynamicBatcher(lambda batch: batch[:1], executor, max_batch_size=8)
-    batcher.start()
-    with pytest.raises(RuntimeError, match="returned 1 rows for 3"):
-        await batcher.submit(rows(1, 2, 3))
-    await batcher.close()
-
-
-def test_rejects_bad_settings(executor):
-    with pytest.raises(ValueError, match="max_batch_size must be an integer >= 1"):
-        DynamicBatcher(lambda b: b, executor, max_batch_size=0)
-    with pytest.raises(ValueError, match="max_queue_size"):
-        DynamicBatcher(lambda b: b, executor, max_batch_size=1, max_queue_size=0)
-    with pytest.raises(ValueError, match="inline_budget_s"):
-        DynamicBatcher(lambda b: b, executor, max_batch_size=1, inline_budget_s=-1)
-    with pytest.raises(ValueError, match="instances must be an integer >= 1"):
-        DynamicBatcher(lambda b: b, executor, max_batch_size=1, instances=0)
-
-
-class ConcurrentModel:
-    """Doubles its input; counts the calls computing at once, each held until ``release`` is set."""
-
-    def __init__(self) -> None:
-        self.release = threading.Event()
-        self.inside = 0
-        self.most_inside = 0
-        self.calls: list[list[float]] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        with self._lock:
-            self.inside += 1
-            self.most_inside = max(self.most_inside, self.inside)
-            self.calls.append(batch[:, 0].tolist())
-        self.release.wait(timeout=10)
-        with self._lock:
-            self.inside -= 1
-        return batch * 2
-
-
-@pytest.mark.parametrize("instances", [1, 2])
-async def test_full_batches_compute_at_once_on_each_instance_and_one_more_waits_behind_them(instances):
-    model = ConcurrentModel()
-    with ThreadPoolExecutor(max_workers=instances) as pool:
-        batcher = DynamicBatcher(model, pool, max_batch_size=2, instances=instances)
-        batcher.start()
-        requests = [asyncio.ensure_future(batcher.submit(rows(2 * i, 2 * i + 1))) for i in range(instances + 2)]
-        await wait_until(lambda: model.inside == instances)
-        # One full batch more is taken to wait on the worker; the last stays queued, free to be dropped.
-        await wait_until(lambda: batcher.queue_depth == 1)
-        await asyncio.sleep(0.05)
-        assert model.inside == instances and batcher.queue_depth == 1
-        model.release.set()
-        results = await asyncio.gather(*requests)
-        await batcher.close()
-    for i, result in enumerate(results):
-        np.testing.assert_array_equal(result, rows(4 * i, 4 * i + 2))
-    assert model.most_inside == instances
-    assert sorted(model.calls) == [[2 * i, 2 * i + 1] for i in range(instances + 2)]
-
-
-async def test_batches_expected_to_be_quick_run_on_the_loop_thread_and_slow_ones_on_the_worker(executor):
-    threads: list[str] = []
-
-    def model(batch: np.ndarray) -> np.ndarray:
-        threads.append(threading.current_thread().name)
-        time.sleep(0.002 * len(batch))  # 2 ms per row
-        return batch * 2
-
-    batcher = DynamicBatcher(model, executor, max_batch_size=8, inline_budget_s=0.005)
-    batcher.start()
-    for batch in (rows(1), rows(1), rows(1, 2), rows(1, 2, 3)):
-        np.testing.assert_array_equal(await batcher.submit(batch), batch * 2)
-    loop_thread = threading.current_thread().name
-    # The first call has no measured speed yet, so it goes to the worker; then 2 rows fit 5 ms, 3 do not.
-    assert threads[0] != loop_thread
-    assert threads[1] == loop_thread and threads[2] == loop_thread
-    assert threads[3] != loop_thread
-    await batcher.close()
-
-
-async def test_lone_quick_request_runs_in_its_callers_task_and_queues_while_a_batch_computes(executor):
-    tasks: list[asyncio.Task | None] = []
-    release = threading.Event()
-
-    def model(batch: np.ndarray) -> np.ndarray:
-        tasks.append(asyncio.current_task() if threading.current_thread() is threading.main_thread() else None)
-        if len(batch) > 2:
-            release.wait(timeout=10)  # the big batch runs on the worker and holds the model
-        return batch * 2
-
-    observed: list[tuple[int, list[float]]] = []
-
-    class Observer:
-        def observe_batch(self, rows: int, queue_seconds: list[float], compute_seconds: float) -> None:
-            observed.append((rows, queue_seconds))
-
-        def observe_queue_depth(self, requests: int) -> None:
-            pass
-
-    batcher = DynamicBatcher(model, executor, max_batch_size=8, inline_budget_s=0.5, observer=Observer())
-    batcher.start()
-    await batcher.submit(rows(1))  # no measured speed yet: through the batching task
-    assert tasks[-1] is not asyncio.current_task()
-    np.testing.assert_array_equal(await batcher.submit(rows(3)), rows(6))
-    assert tasks[-1] is asyncio.current_task()  # now known to be quick: run by its caller
-    assert observed[-1] == (1, [0.0])
-
-    batcher._seconds_per_row = 1.0  # the next 3-row batch is predicted slow: it goes to the worker
-    big = asyncio.ensure_future(batcher.submit(rows(1, 2, 3)))
-    await wait_until(lambda: len(tasks) == 3)
-    batcher._seconds_per_row = 1e-6
-    small = [asyncio.ensure_future(batcher.submit(rows(v))) for v in (4, 5)]
-    await asyncio.sleep(0.01)
-    assert len(tasks) == 3 and batcher.queue_depth == 2  # the model is busy, so they wait their turn
-    release.set()
-    np.testing.assert_array_equal(await big, rows(2, 4, 6))
-    assert [r.tolist() for r in await asyncio.gather(*small)] == [rows(8).tolist(), rows(10).tolist()]
-    assert len(tasks) == 4  # and were batched together
-    await batcher.close()
-
-
-async def test_direct_run_respects_an_expired_deadline_and_queue_delay(executor):
+async def test_a_model_returning_the_wrong_row_count_fails_the_batch():
     calls: list[int] = []
 
-    def model(batch: np.ndarray) -> np.ndarray:
+    def short(batch: np.ndarray) -> np.ndarray:
         calls.append(len(batch))
-        return batch
+        return batch[:1]
 
-    batcher = DynamicBatcher(model, executor, max_batch_size=8, inline_budget_s=0.5)
+    batcher = DynamicBatcher(short, max_batch_size=8)
     batcher.start()
-    await batcher.submit(rows(1))
-    with pytest.raises(DeadlineExpired):
-        await batcher.submit(rows(1), deadline=time.monotonic() - 1)
-    assert calls == [1]
+    with pytest.raises(RuntimeError, match="model returned 1 rows for 3 inputs"):
+        await batcher.submit(rows(1, 2, 3))
+    assert calls == [3]
     await batcher.close()
 
-    delayed = DynamicBatcher(model, executor, max_batch_size=8, max_queue_delay_s=0.05, inline_budget_s=0.5)
-    delayed.start()
-    await delayed.submit(rows(1))
-    results = await asyncio.gather(*(delayed.submit(rows(v)) for v in (1, 2, 3)))
-    assert len(results) == 3 and calls[-1] == 3  # with a queue delay set, requests still wait to batch
-    await delayed.close()
 
-
-def test_load_aware_hold_is_tried_only_on_quick_arrivals_kept_while_it_pays_and_backs_off_when_not():
-    hold = LoadAwareHold(0.001)
-    assert not hold.on_arrival(10.0)  # first request ever
-    assert not hold.on_arrival(10.5)  # a lone caller: the previous request came long ago
-    assert hold.on_arrival(10.5002) and hold.holding  # a quick arrival: try a hold
-    hold.judge(gathered=6, arrived_meanwhile=True)
-    assert hold.holding and hold.on_arrival(10.5004)  # it paid: keep holding
-    hold.judge(gathered=8, arrived_meanwhile=False)  # every caller was in the batch: lockstep
-    assert not hold.holding
-    assert not hold.on_arrival(10.5006)  # skips one chance ...
-    assert hold.on_arrival(10.5008)  # ... then tries again
-    hold.judge(gathered=1, arrived_meanwhile=False)
-    skipped = 0
-    while not hold.on_arrival(10.501 + skipped * 1e-4):
-        skipped += 1
-    assert skipped == 2  # then two, four, ... chances
-    hold.judge(gathered=2, arrived_meanwhile=True)  # too few to pay
-    for _ in range(20):
-        hold.judge(gathered=1, arrived_meanwhile=False)
-    skipped = 0
-    while not hold.on_arrival(10.502 + skipped * 1e-4):
-        skipped += 1
-    assert skipped == LoadAwareHold.MAX_SKIP
-    with pytest.raises(ValueError):
-        LoadAwareHold(-1)
-
-
-async def test_hold_batches_a_stream_of_requests_on_the_worker_but_a_lone_caller_never_waits(executor):
-    calls: list[tuple[int, bool]] = []
-    under_load: list[int] = []
-
-    def model(batch: np.ndarray) -> np.ndarray:
-        calls.append((len(batch), threading.current_thread() is threading.main_thread()))
-        time.sleep(0.003)  # long enough for more requests to arrive while it computes
-        return batch * 2
-
-    def model_under_load(batch: np.ndarray) -> np.ndarray:
-        under_load.append(len(batch))
-        return model(batch)
-
-    batcher = DynamicBatcher(model, executor, max_batch_size=64, inline_budget_s=0.5, hold_under_load_s=0.02,
-                             run_under_load=model_under_load)
-    batcher.start()
-    started = time.monotonic()
-    for value in range(5):  # one caller, a request every 30 ms: never held
-        await asyncio.sleep(0.03)
-        np.testing.assert_array_equal(await batcher.submit(rows(value)), rows(2 * value))
-    assert [size for size, _ in calls] == [1] * 5 and all(on_loop for _, on_loop in calls[1:])
-    assert under_load == []
-    assert time.monotonic() - started < 0.15 + 0.1
-
-    async def one(value: int) -> None:
-        np.testing.assert_array_equal(await batcher.submit(rows(value)), rows(2 * value))
-
-    calls.clear()
-    requests = []
-    for value in range(120):  # many independent callers: a request about every millisecond
-        requests.append(asyncio.ensure_future(one(value)))
-        await asyncio.sleep(0.0005)
-    await asyncio.gather(*requests)
-    held = [size for size, on_loop in calls if not on_loop]
-    assert sum(size for size, _ in calls) == 120
-    assert sum(held) >= 90 and max(held) >= LoadAwareHold.PAYS_AT  # the hold paid, so it stayed on
-    assert under_load == held  # held batches are run as under load
+async def test_one_bad_request_fails_alone_and_its_batch_mates_are_answered():
+    model = GatedModel(gated=True)
+    batcher, watcher = await started(model)
+    running = await busy(model, batcher, rows(0))
+    good = asyncio.ensure_future(batcher.submit(rows(1)))
+    bad = asyncio.ensure_future(batcher.submit(rows(float("nan"))))
+    also_good = asyncio.ensure_future(batcher.submit(rows(3, 4)))
+    await watcher.depth_reaches(3)
+    model.gate.set()
+    await asyncio.gather(*running)
+    assert float((await good)[0, 0]) == 2
+    np.testing.assert_array_equal(await also_good, rows(6, 8))
+    with pytest.raises(ValueError, match="NaN"):
+        await bad
+    assert [len(call) for call in model.calls] == [1, 4, 1, 1, 2]  # then each alone, on the same path
+    assert watcher.batches == [(1, 1), (1, 1), (2, 1)]  # the model calls that succeeded
     await batcher.close()
+
+
+async def test_a_crashed_instance_fails_every_pending_request_and_refuses_new_ones():
+    model = GatedModel(gated=True)
+    batcher, watcher = await started(model)
+    running = await busy(model, batcher, rows(-1))  # will crash the instance once the gate opens
+    queued = [asyncio.ensure_future(batcher.submit(rows(i))) for i in (1, 2)]
+    await watcher.depth_reaches(2)
+    model.gate.set()
+    for pending in (*running, *queued):
+        with pytest.raises(ModelNotReady, match="batcher stopped: ModelCrash: the instance broke"):
+            await pending
+    assert not batcher.running
+    with pytest.raises(ModelNotReady, match="batcher stopped"):
+        await batcher.submit(rows(3))
+    await batcher.close()  # returns: the crashed instance is already gone
+    assert model.calls == [[-1]]
+
+
+async def test_close_answers_every_queued_request_then_refuses_new_ones():
+    model = GatedModel(gated=True)
+    batcher, watcher = await started(model, max_batch_size=1)
+    accepted = await busy(model, batcher, rows(0))
+    accepted += [asyncio.ensure_future(batcher.submit(rows(i))) for i in (1, 2)]
+    await watcher.depth_reaches(2)
+    closing = asyncio.ensure_future(batcher.close())
+    await asyncio.sleep(0)  # one turn of the loop: close() runs up to its await
+    with pytest.raises(ModelNotReady, match="draining"):
+        await batcher.submit(rows(9))
+    assert not closing.done()
+    model.gate.set()
+    await closing
+    assert all(task.done() for task in accepted)  # answered before close returned
+    assert [float(r[0, 0]) for r in await asyncio.gather(*accepted)] == [0, 2, 4]
+    assert not batcher.running
+
+
+async def test_close_ends_a_queue_delay_early_and_stops_every_instance():
+    model = GatedModel()
+    batcher, watcher = await started(model, instances=3, max_queue_delay_s=3600)
+    accepted = [asyncio.ensure_future(batcher.submit(rows(i))) for i in (1, 2)]
+    await watcher.depth_reaches(2)  # one instance waits for the batch to fill, two for work
+    await asyncio.wait_for(batcher.close(), 10)
+    assert [float(r[0, 0]) for r in await asyncio.gather(*accepted)] == [2, 4]
+    assert model.calls == [[1, 2]]
+
+
+@pytest.mark.parametrize("instances", [1, 3])
+async def test_n_instances_compute_n_batches_at_once_each_on_its_own_thread(instances):
+    model = GatedModel(gated=True)
+    batcher, watcher = await started(model, max_batch_size=2, instances=instances)
+    running = await busy(model, batcher, rows(0, 1), instances)
+    assert model.inside == instances
+    behind = [asyncio.ensure_future(batcher.submit(rows(i))) for i in range(2, 5)]
+    await watcher.depth_reaches(3)  # every instance is busy: the rest queue
+    model.gate.set()
+    results = await asyncio.gather(*running, *behind)
+    await batcher.close()
+    assert [r[:, 0].tolist() for r in results] == [[0, 2]] * instances + [[4], [6], [8]]
+    assert model.most_inside == instances
+    assert len(model.threads) == min(instances, len(model.calls))
+    assert threading.current_thread().name not in model.threads  # never on the loop's thread
+    assert sorted(model.calls[instances:]) == [[2, 3], [4]]
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="max_batch_size must be an integer >= 1"):
+        DynamicBatcher(lambda b: b, max_batch_size=0)
+    with pytest.raises(ValueError, match="max_queue_size"):
+        DynamicBatcher(lambda b: b, max_batch_size=1, max_queue_size=0)
+    with pytest.raises(ValueError, match="instances must be an integer >= 1"):
+        DynamicBatcher(lambda b: b, max_batch_size=1, instances=0)
+    with pytest.raises(ValueError, match="max_queue_delay_s"):
+        DynamicBatcher(lambda b: b, max_batch_size=1, max_queue_delay_s=-1)
+
+
+async def test_a_batcher_not_started_refuses_requests():
+    with pytest.raises(ModelNotReady):
+        await DynamicBatcher(lambda b: b, max_batch_size=1).submit(rows(1))

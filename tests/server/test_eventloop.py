@@ -1,4 +1,5 @@
-"""Choosing the event loop: uvloop where installed, asyncio's own on request or where it is missing."""
+"""Choosing the event loop: uvloop where installed (the server always asks for that), asyncio's own where it is
+missing or a development tool asks for it."""
 
 from __future__ import annotations
 
@@ -16,9 +17,8 @@ async def running_loop_type() -> type:
     return type(asyncio.get_running_loop())
 
 
-def test_auto_and_uvloop_run_on_uvloop_where_it_is_installed() -> None:
-    for choice in ("auto", "uvloop"):
-        factory = eventloop.loop_factory(choice)
+def test_the_default_auto_and_uvloop_run_on_uvloop_where_it_is_installed() -> None:
+    for factory in (eventloop.loop_factory(), eventloop.loop_factory("auto"), eventloop.loop_factory("uvloop")):
         assert eventloop.loop_name(factory) == "uvloop"
         assert eventloop.run(running_loop_type, factory) is uvloop.Loop
 
@@ -31,7 +31,7 @@ def test_asyncio_runs_on_asyncios_own_loop() -> None:
 
 def test_without_uvloop_auto_falls_back_and_uvloop_is_a_startup_error(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
-    assert eventloop.loop_factory("auto") is None
+    assert eventloop.loop_factory() is None
     with pytest.raises(StartupError, match="uvloop is not installed"):
         eventloop.loop_factory("uvloop")
 

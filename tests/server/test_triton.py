@@ -326,4 +326,6 @@ async def test_perf_analyzer_measures_a_throughput(tiny_server, perf_analyzer):
     assert throughput > 0, output
     client_requests = int(re.search(r"Request count: (\d+)", output).group(1))
     server_inferences = int(re.search(r"Inference count: (\d+)", output).group(1))
-    assert server_inferences >= client_requests > 0, output
+    # The server's counts come from statistics read before and after the window, the client's from the calls that
+    # ended in it: they differ by the calls in flight at either edge, at most the concurrency at each.
+    assert client_requests > 0 and abs(server_inferences - client_requests) <= 2 * 8, output
