@@ -72,21 +72,27 @@ class ServerProcess:
 
     BUSY_PORT_RETRIES = 3
 
-    def __init__(self, repository: Path, *flags: str) -> None:
+    def __init__(self, repository: Path, *flags: str, host: str = "127.0.0.1", port: int | None = None) -> None:
+        """Serve ``repository`` with ``flags`` on ``host`` (any 127.x.y.z) and ``port`` (None: a free one).
+
+        Metrics are served on 127.0.0.1 whatever the host, on a port of their own.
+        """
         self._repository = repository
         self._flags = flags
+        self.host = host
+        self._fixed_port = port
         self.process: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
         self._pick_ports()
 
     def _pick_ports(self) -> None:
-        self.port = free_port()
+        self.port = self._fixed_port if self._fixed_port is not None else free_port()
         self.metrics_port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{self.host}:{self.port}"
 
     def _start(self) -> None:
         args = [sys.executable, "-m", "convserve_server", "--model-repository", str(self._repository),
-                "--host", "127.0.0.1", "--port", str(self.port), "--metrics-host", "127.0.0.1",
+                "--host", self.host, "--port", str(self.port), "--metrics-host", "127.0.0.1",
                 "--metrics-port", str(self.metrics_port), "--device", "cpu", "--poll-interval-s", "0", *self._flags]
         # A file, not a pipe: nobody reads stderr while the server runs, and a full pipe would block it.
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 (closed in __exit__)

@@ -47,6 +47,10 @@ class BaseClient:
         self._settings = _core.Settings(model_name, model_version, timeout, retry, max_request_bytes)
         self._metadata = _wire.auth_metadata(token)
         self._max_in_flight = max_in_flight
+        # With several replicas a call waits (within its deadline) for one to be ready rather than failing
+        # at once while none is: during a rollout, the replicas it knows may all be draining before the
+        # name resolves to the new ones.
+        self._wait_for_ready = True if target.replicas else None
         self._info: ModelInfo | None = None
         self._start_workers()
 
@@ -55,4 +59,5 @@ class BaseClient:
 
     def _invoke(self, rpc: _core.Rpc) -> Any:
         """Start one call: its response (or, for ``grpc.aio``, an awaitable of it)."""
-        return self._stubs[rpc.method](rpc.request, timeout=rpc.timeout, metadata=self._metadata)
+        return self._stubs[rpc.method](rpc.request, timeout=rpc.timeout, metadata=self._metadata,
+                                       wait_for_ready=self._wait_for_ready)

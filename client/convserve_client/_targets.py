@@ -36,6 +36,8 @@ REPLICA_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.service_config_disable_resolution", 1),  # a DNS TXT record must not replace the config above
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # grpcio 1.85 waits for a keepalive ping's answer for the ping timeout (60 s by default), not the above.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),  # keep pinging a connection that carries no calls
     ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_REFRESH_MS),

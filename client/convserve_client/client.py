@@ -65,7 +65,10 @@ class Client(BaseClient):
         sent; with ``"return"`` its slot holds the error and the rest are classified.
         """
         job = _core.classify_job(self.model_info(), images, self._settings, top_k, include_probabilities, errors)
-        return job.results(list(self._pool.map(self._run, job.chunk_plans())))
+        plans = job.chunk_plans()
+        if len(plans) == 1:  # in the caller's thread: threads sharing a client do not queue for its pool
+            return job.results([self._run(plans[0])])
+        return job.results(list(self._pool.map(self._run, plans)))
 
     def _start_workers(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=self._max_in_flight, thread_name_prefix="convserve-client")
