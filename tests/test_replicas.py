@@ -273,6 +273,8 @@ async def test_a_replica_added_to_dns_gets_a_share_within_the_max_connection_age
 async def test_without_a_max_connection_age_an_added_replica_gets_nothing(
         replicas: Replicas, dns: DnsResponder) -> None:
     load, _, counts, _ = await added_replica_case(replicas, dns)
+    print(f"\nno max connection age: the added replica answered {counts[-1][1]:g} calls in {counts[-1][0]:.1f} s "
+          f"after it was added; the other two answered {load.answered()}")
     assert load.answered() > 2 * WARM_CALLS
     assert counts[-1][1] == 0, "the added replica was reached without connections being aged out"
 
