@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Sequence
 import grpc
 
 from convserve_client import _core, _wire
-from convserve_client._targets import channel_target
+from convserve_client.targets import channel_target
 from convserve_client.types import ModelInfo, RetryPolicy
 
 DEFAULT_TIMEOUT_S = 30.0

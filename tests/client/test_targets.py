@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2
 from PIL import Image
 
 from convserve_client import AsyncClient
-from convserve_client._targets import channel_target
+from convserve_client.targets import channel_target
 from convserve_client.cli import main as classify_main
 
 IMAGE = np.zeros((8, 8, 3), dtype=np.uint8)
