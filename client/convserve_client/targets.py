@@ -3,7 +3,7 @@
 ``host:port`` (or any one gRPC target) is used as it is, with gRPC's defaults.  A comma-separated
 list ``host:port,host:port`` and a ``dns:`` target (``dns:///name:port``, ``dns://AUTHORITY/name:port``)
 name replicas: calls go round-robin to those whose health service says ``readiness`` is SERVING,
-keepalive pings find a frozen replica in about two seconds, and a ``dns:`` name is resolved again
+keepalive pings find a frozen replica within one to two seconds, and a ``dns:`` name is resolved again
 (at most once a second) whenever a connection ends, so that replicas added since are reached.
 """
 
