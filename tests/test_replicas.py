@@ -12,6 +12,7 @@ that no call was lost: every one answered, after retries within its deadline whe
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import statistics
 import time
@@ -104,6 +105,8 @@ def replicas(repositories: dict[int, Path]) -> Iterator[Replicas]:
 @pytest.fixture
 def dns() -> Iterator[DnsResponder]:
     """The DNS responder for ``replicas.test``, serving no address until a test sets some."""
+    assert os.environ.get("GRPC_DNS_RESOLVER", "ares") == "ares", \
+        "GRPC_DNS_RESOLVER=native ignores the DNS server named in a dns:// target; these tests need c-ares"
     with DnsResponder(NAME) as responder:
         yield responder
 
