@@ -96,21 +96,25 @@ class ChildServer:
     BUSY_PORT_RETRIES = 3
     BUSY_PORT_MESSAGES = ("cannot listen on", "cannot serve metrics on")
 
-    def __init__(self, module: str, *flags: str, ready_timeout_s: float = 60) -> None:
+    def __init__(self, module: str, *flags: str, ready_timeout_s: float = 60, host: str = LOOPBACK,
+                 port: int | None = None) -> None:
+        """Serve on ``host`` (any 127.x.y.z) and ``port`` (None: a free one, picked again if it turns out busy)."""
         self.module = module
         self.flags = flags
         self.ready_timeout_s = ready_timeout_s
+        self.host = host
+        self._fixed_port = port
         self.process: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
         self._pick_ports()
 
     def _pick_ports(self) -> None:
-        self.port = free_port()
-        self.address = f"{LOOPBACK}:{self.port}"
+        self.port = self._fixed_port if self._fixed_port is not None else free_port()
+        self.address = f"{self.host}:{self.port}"
 
     def command(self) -> list[str]:
         """The command line that starts the server."""
-        return [sys.executable, "-m", self.module, "--host", LOOPBACK, "--port", str(self.port), *self.flags]
+        return [sys.executable, "-m", self.module, "--host", self.host, "--port", str(self.port), *self.flags]
 
     def _start(self) -> None:
         # A file, not a pipe: nobody reads stderr while the server runs, and a full pipe would block it.
@@ -175,9 +179,11 @@ class ChildServer:
 class ServerProcess(ChildServer):
     """``python -m convserve_server`` on loopback, on the CPU, with its metrics on a second free port."""
 
-    def __init__(self, repository: Path, *flags: str, ready_timeout_s: float = 60) -> None:
+    def __init__(self, repository: Path, *flags: str, ready_timeout_s: float = 60, host: str = LOOPBACK,
+                 port: int | None = None) -> None:
+        """Metrics are served on 127.0.0.1 whatever ``host``, on a free port of their own."""
         self.repository = repository
-        super().__init__("convserve_server", *flags, ready_timeout_s=ready_timeout_s)
+        super().__init__("convserve_server", *flags, ready_timeout_s=ready_timeout_s, host=host, port=port)
 
     def _pick_ports(self) -> None:
         super()._pick_ports()
@@ -186,7 +192,7 @@ class ServerProcess(ChildServer):
     def command(self) -> list[str]:
         """The server's command line; ``flags`` come last, so they override these defaults."""
         return [sys.executable, "-m", self.module, "--model-repository", str(self.repository),
-                "--host", LOOPBACK, "--port", str(self.port), "--metrics-host", LOOPBACK,
+                "--host", self.host, "--port", str(self.port), "--metrics-host", LOOPBACK,
                 "--metrics-port", str(self.metrics_port), "--device", "cpu", "--poll-interval-s", "0", *self.flags]
 
     def metric(self, name: str, worker: int = 0) -> float:

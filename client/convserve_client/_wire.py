@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -11,18 +10,10 @@ from PIL import Image
 
 from convserve_client.errors import ConvserveError, ImageError
 from convserve_protocol.model_card import ModelCard
-from convserve_client.preprocessing import ImageInput, describe_source, preprocess
+from convserve_client.preprocessing import ImageInput
 from convserve_protocol.preprocessing_spec import PreprocessingSpec
 from convserve_protocol.protos import classifier_pb2
 from convserve_client.types import Classification, ModelInfo, Prediction
-
-
-@dataclass(frozen=True)
-class PreparedImages:
-    """Preprocessed good images, and per input slot either a row index or the image's error."""
-
-    batch: np.ndarray
-    slots: list[int | ImageError]
 
 
 def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
@@ -32,24 +23,6 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]
     if isinstance(images, (str, bytes, bytearray, memoryview, Image.Image, os.PathLike)):
         return [images]
     return list(images)
-
-
-def prepare_images(images: Sequence[ImageInput], spec: PreprocessingSpec) -> PreparedImages:
-    """Preprocess every image, recording (not raising) the error of each one that fails."""
-    rows: list[np.ndarray] = []
-    slots: list[int | ImageError] = []
-    for index, image in enumerate(images):
-        try:
-            rows.append(preprocess(image, spec))
-            slots.append(len(rows) - 1)
-        except ImageError as exc:
-            exc.index = index
-            slots.append(exc)
-        except Exception as exc:  # a decoder's own bug must still be that image's error alone
-            slots.append(ImageError(f"{describe_source(image)}: {exc}", describe_source(image), index))
-    shape = (len(rows), spec.height, spec.width, spec.channels)
-    batch = np.stack(rows) if rows else np.empty(shape, dtype=np.float32)
-    return PreparedImages(batch=batch, slots=slots)
 
 
 def chunk_bounds(rows: int, max_rows: int) -> list[tuple[int, int]]:

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import grpc
 
-from convserve_client.client import DEFAULT_TIMEOUT_S, Client
+from convserve_client._base import DEFAULT_TIMEOUT_S
+from convserve_client.client import Client
 from convserve_client.errors import ConvserveError, ImageError
 from convserve_client.types import Classification
 
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line's arguments."""
     parser = argparse.ArgumentParser(prog=_PROG, description="Classify images with a convserve server.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
-    parser.add_argument("--server", default="localhost:8500", help="server address HOST:PORT (default %(default)s)")
+    parser.add_argument("--server", default="localhost:8500",
+                        help="server address HOST:PORT; several replicas as HOST:PORT,HOST:PORT or dns:///NAME:PORT "
+                        "(balanced round-robin over the ready ones) (default %(default)s)")
     parser.add_argument("--model", default="", help="model name (default: the server's model)")
     parser.add_argument("--model-version", default="", help="model version (default: the newest)")
     parser.add_argument("--top-k", type=int, default=1, help="labels to print per image (default %(default)s)")

@@ -4,60 +4,35 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Literal, Sequence, TypeVar
+from typing import Any, Literal, Sequence, TypeVar
 
 import grpc
 
-from convserve_client import _wire
-from convserve_client.errors import RETRYABLE_CODES, ConvserveError, DeadlineExceededError, ImageError, from_rpc_error
+from convserve_client import _core
+from convserve_client._base import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_TIMEOUT_S, BaseClient
+from convserve_client.errors import ImageError
 from convserve_client.preprocessing import ImageInput
-from convserve_protocol.protos import classifier_pb2, classifier_pb2_grpc, grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from convserve_client.types import Classification, ModelInfo, RetryPolicy
+from convserve_client.types import Classification, ModelInfo
+
+__all__ = ["DEFAULT_MAX_REQUEST_BYTES", "DEFAULT_TIMEOUT_S", "Client"]
 
 T = TypeVar("T")
 
-DEFAULT_TIMEOUT_S = 30.0
-DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
+class Client(BaseClient):
+    """A blocking client for a convserve server, or for several replicas of it.
 
-class Client:
-    """A blocking client for a convserve server.
-
+    ``address`` is ``host:port``; several replicas as ``host:port,host:port``
+    or ``dns:///name:port`` (``dns://DNS-SERVER/name:port``): calls then go
+    round-robin to the replicas whose health says ready.
     ``timeout`` is each RPC's deadline in seconds, its retries included.
+    ``max_in_flight`` bounds the requests one ``classify`` has open at once.
     ``credentials`` (``grpc.ssl_channel_credentials(...)``) turns on TLS;
-    ``token`` sends a bearer token; ``channel_options`` go to the channel.
+    ``token`` sends a bearer token; ``channel_options`` go to the channel
+    (over the SDK's own for several replicas).
     """
 
-    def __init__(
-        self,
-        address: str,
-        *,
-        model_name: str = "",
-        model_version: str = "",
-        timeout: float = DEFAULT_TIMEOUT_S,
-        retry: RetryPolicy = RetryPolicy(),
-        max_in_flight: int = 4,
-        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        credentials: grpc.ChannelCredentials | None = None,
-        token: str | None = None,
-        channel_options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be an integer >= 1")
-        if credentials is None:
-            self._channel = grpc.insecure_channel(address, options=list(channel_options))
-        else:
-            self._channel = grpc.secure_channel(address, credentials, options=list(channel_options))
-        self._classifier = classifier_pb2_grpc.ClassifierStub(self._channel)
-        self._inference = grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(self._channel)
-        self._model_name = model_name
-        self._model_version = model_version
-        self._timeout = timeout
-        self._retry = retry
-        self._max_request_bytes = max_request_bytes
-        self._metadata = _wire.auth_metadata(token)
-        self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="convserve-client")
-        self._info: ModelInfo | None = None
+    _grpc = grpc
 
     def __enter__(self) -> Client:
         return self
@@ -72,78 +47,40 @@ class Client:
 
     def wait_until_ready(self, timeout: float = 30.0) -> None:
         """Block until the server says its model is ready; ``DeadlineExceededError`` after ``timeout`` s."""
-        deadline = time.monotonic() + timeout
-        request = grpc_predict_v2_pb2.ModelReadyRequest(name=self._model_name, version=self._model_version)
-        last_error = "no answer"
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceededError(f"server not ready after {timeout:g} s: {last_error}")
-            try:
-                ready = self._inference.ModelReady(request, timeout=min(remaining, 1.0), metadata=self._metadata).ready
-                if ready:
-                    return
-                last_error = "model not ready"
-            except grpc.RpcError as exc:
-                error = from_rpc_error(exc)
-                if error.code not in RETRYABLE_CODES | {grpc.StatusCode.DEADLINE_EXCEEDED}:
-                    raise error from exc
-                last_error = str(error)
-            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        self._run(_core.wait_until_ready(self._settings, timeout))
 
     def model_info(self, refresh: bool = False) -> ModelInfo:
         """The served model's labels, input size and preprocessing spec (cached)."""
         if self._info is None or refresh:
-            request = classifier_pb2.GetModelInfoRequest(model_name=self._model_name, model_version=self._model_version)
-            self._info = _wire.parse_model_info(self._call(self._classifier.GetModelInfo, request))
+            self._info = self._run(_core.model_info(self._settings))
         return self._info
 
-    def classify(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        *,
-        top_k: int = 1,
-        include_probabilities: bool = False,
-        errors: Literal["raise", "return"] = "raise",
-    ) -> list[Classification | ImageError]:
+    def classify(self, images: ImageInput | Sequence[ImageInput], *, top_k: int = 1,
+                 include_probabilities: bool = False,
+                 errors: Literal["raise", "return"] = "raise") -> list[Classification | ImageError]:
         """Classify images of any supported kind; results come back in input order.
 
         A single image (not in a list) is accepted too.  With ``errors="raise"``
         the first undecodable image raises :class:`ImageError` before anything is
         sent; with ``"return"`` its slot holds the error and the rest are classified.
         """
-        info = self.model_info()
-        _wire.check_top_k(top_k, len(info.labels))
-        prepared = _wire.prepare_images(_wire.as_image_list(images), info.preprocessing)
-        first_error = next((slot for slot in prepared.slots if isinstance(slot, ImageError)), None)
-        if first_error is not None and errors == "raise":
-            raise first_error
-        bounds = _wire.chunk_bounds(len(prepared.batch), _wire.rows_per_request(info, self._max_request_bytes))
+        job = _core.classify_job(self.model_info(), images, self._settings, top_k, include_probabilities, errors)
+        plans = job.chunk_plans()
+        if len(plans) == 1:  # in the caller's thread: threads sharing a client do not queue for its pool
+            return job.results([self._run(plans[0])])
+        return job.results(list(self._pool.map(self._run, plans)))
 
-        def classify_chunk(bound: tuple[int, int]) -> list[Classification]:
-            start, stop = bound
-            request = _wire.classify_request(
-                prepared.batch[start:stop], info.name, self._model_version, top_k, include_probabilities
-            )
-            return _wire.parse_classify_response(self._call(self._classifier.Classify, request), stop - start)
+    def _start_workers(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=self._max_in_flight, thread_name_prefix="convserve-client")
 
-        results = [row for chunk in self._pool.map(classify_chunk, bounds) for row in chunk]
-        return _wire.assemble(prepared.slots, results)
+    def _run(self, plan: _core.Plan[T]) -> T:
+        run = _core.PlanRun(plan)
+        for step in run:
+            run.reply = time.sleep(step.seconds) if isinstance(step, _core.Pause) else self._blocking_call(step)
+        return run.result
 
-    def _call(self, method: Callable[..., T], request: Any) -> T:
-        """One unary call with the deadline and retry policy applied."""
-        deadline = time.monotonic() + self._timeout
-        attempt = 0
-        while True:
-            attempt += 1
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceededError(f"no answer within {self._timeout:g} s", grpc.StatusCode.DEADLINE_EXCEEDED)
-            try:
-                return method(request, timeout=remaining, metadata=self._metadata)
-            except grpc.RpcError as exc:
-                error: ConvserveError = from_rpc_error(exc)
-                if error.code not in RETRYABLE_CODES or attempt >= self._retry.max_attempts:
-                    raise error from exc
-            time.sleep(min(self._retry.backoff(attempt), max(0.0, deadline - time.monotonic())))
-
+    def _blocking_call(self, rpc: _core.Rpc) -> Any:
+        try:
+            return self._invoke(rpc)
+        except grpc.RpcError as exc:
+            return exc

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -33,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from convserve_client.errors import ImageError
-from convserve_protocol.preprocessing_spec import CROP_MODES, PreprocessingSpec
+from convserve_protocol.preprocessing_spec import PreprocessingSpec
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
 """Anything :func:`load_image` accepts: a path, encoded bytes, a Pillow image or an array."""
@@ -197,13 +198,40 @@ def preprocess(image: ImageInput, spec: PreprocessingSpec) -> np.ndarray:
     return rescale(fit_to_input(load_image(image), spec), spec.scale, spec.offset)
 
 
-def preprocess_batch(images: Sequence[ImageInput], spec: PreprocessingSpec) -> np.ndarray:
-    """Many images to one float32 (N, H, W, 3) batch; raises :class:`ImageError` naming the first bad one."""
-    batch = np.empty((len(images), spec.height, spec.width, spec.channels), dtype=np.float32)
+@dataclass(frozen=True)
+class PreprocessedImages:
+    """The good images as one float32 (N, H, W, 3) batch, and per input either its row or its error."""
+
+    batch: np.ndarray
+    slots: list[int | ImageError]
+
+    @property
+    def first_error(self) -> ImageError | None:
+        """The error of the first input that failed, if any did."""
+        return next((slot for slot in self.slots if isinstance(slot, ImageError)), None)
+
+
+def preprocess_images(images: Sequence[ImageInput], spec: PreprocessingSpec) -> PreprocessedImages:
+    """Preprocess every image, recording (not raising) the error of each one that fails, with its index."""
+    rows: list[np.ndarray] = []
+    slots: list[int | ImageError] = []
     for index, image in enumerate(images):
         try:
-            batch[index] = preprocess(image, spec)
+            rows.append(preprocess(image, spec))
+            slots.append(len(rows) - 1)
         except ImageError as exc:
             exc.index = index
-            raise
-    return batch
+            slots.append(exc)
+        except Exception as exc:  # a decoder's own bug must still be that image's error alone
+            slots.append(ImageError(f"{describe_source(image)}: {exc}", describe_source(image), index))
+    shape = (len(rows), spec.height, spec.width, spec.channels)
+    batch = np.stack(rows) if rows else np.empty(shape, dtype=np.float32)
+    return PreprocessedImages(batch=batch, slots=slots)
+
+
+def preprocess_batch(images: Sequence[ImageInput], spec: PreprocessingSpec) -> np.ndarray:
+    """Many images to one float32 (N, H, W, 3) batch; raises :class:`ImageError` naming the first bad one."""
+    prepared = preprocess_images(images, spec)
+    if prepared.first_error is not None:
+        raise prepared.first_error
+    return prepared.batch

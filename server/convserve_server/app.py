@@ -3,7 +3,12 @@
     server = await create_server(config)      # models loaded and checked, port bound
     await server.start()                      # listening; health NOT_SERVING until warmed, then SERVING
     ...
-    await server.shutdown()                   # NOT_SERVING, refuse new work, answer accepted work, stop
+    await server.shutdown()                   # NOT_SERVING, answer for the drain delay, refuse new work,
+                                              # answer accepted work, stop
+
+Health service names: ``liveness`` is SERVING from the moment the server listens until it stops;
+``readiness`` (and ``""`` and the two API services' names) is SERVING once every model is warm and
+until shutdown begins.  Any other name is NOT_FOUND.
 """
 
 from __future__ import annotations
@@ -33,6 +38,15 @@ log = logging.getLogger(__name__)
 INFERENCE_SERVICE = grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 CLASSIFIER_SERVICE = classifier_pb2.DESCRIPTOR.services_by_name["Classifier"]
 SERVICE_NAMES = (INFERENCE_SERVICE.full_name, CLASSIFIER_SERVICE.full_name)
+LIVENESS = "liveness"
+READINESS = "readiness"
+READINESS_NAMES = ("", READINESS, *SERVICE_NAMES)
+"""Health names that answer "warm and not draining"."""
+
+# Clients of several replicas ping every second to notice a frozen one (convserve_client sends one a
+# second); accepting a ping every 0.5 s leaves room for timer jitter before a ping counts as a strike.
+MIN_CLIENT_PING_INTERVAL_MS = 500
+MAX_PING_STRIKES = 2
 
 
 def _channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
@@ -44,7 +58,25 @@ def _channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
         options.append(("grpc.so_reuseport", 1))
     else:
         options.append(("grpc.so_reuseport", 0))  # a second server on a busy port must fail, not share it
-    return options
+    return options + _keepalive_options() + _connection_age_options(config)
+
+
+def _keepalive_options() -> list[tuple[str, Any]]:
+    """Let clients ping idle connections as often as once a second without being told to go away."""
+    return [
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
+        ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+    ]
+
+
+def _connection_age_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    if config.max_connection_age_s <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", max(1, round(config.max_connection_age_s * 1000))),
+        ("grpc.max_connection_age_grace_ms", round(config.max_connection_age_grace_s * 1000)),
+    ]
 
 
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -91,14 +123,16 @@ class ConvserveServer:
         self.metrics_port: int | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._hurry = asyncio.Event()
 
-    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        for service in ("", *SERVICE_NAMES):
+    async def _set_readiness(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for service in READINESS_NAMES:
             await self.health.set(service, status)
 
     async def start_listening(self) -> None:
-        """Accept connections; health says NOT_SERVING until :meth:`warm_up` is done."""
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Accept connections; ``liveness`` says SERVING, the rest NOT_SERVING until :meth:`warm_up` is done."""
+        await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._server.start()
         if self.metrics is not None and self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_host, self.config.metrics_port)
@@ -107,7 +141,7 @@ class ConvserveServer:
     async def warm_up(self) -> None:
         """Warm every model, then report SERVING and start watching the repository."""
         await self.core.warm_up()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._set_readiness(health_pb2.HealthCheckResponse.SERVING)
         if self.config.poll_interval_s > 0:
             self._watcher = asyncio.get_running_loop().create_task(self.core.watch(self.config.poll_interval_s))
         log.info("ready: serving %s", ", ".join(self.core.model_names()))
@@ -117,22 +151,41 @@ class ConvserveServer:
         await self.start_listening()
         await self.warm_up()
 
-    async def shutdown(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING, refuse new requests, answer accepted ones (within the grace period), stop."""
+    async def shutdown(self, grace_s: float | None = None, drain_delay_s: float | None = None) -> None:
+        """Readiness NOT_SERVING; answer as before for the drain delay; then refuse new requests
+        (UNAVAILABLE), answer accepted ones within the grace period, and stop.
+
+        ``grace_s`` and ``drain_delay_s`` default to the config's; :meth:`hurry` ends the delay early.
+        """
         grace = self.config.grace_period_s if grace_s is None else grace_s
-        log.info("draining (grace %.1f s)", grace)
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        delay = self.config.drain_delay_s if drain_delay_s is None else drain_delay_s
+        await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._watcher is not None:
             self._watcher.cancel()
+        if delay > 0:
+            log.info("not ready; still answering for the drain delay (%.1f s)", delay)
+            await self._wait_for_hurry(delay)
+        log.info("draining (grace %.1f s)", grace)
         try:
             await asyncio.wait_for(self.core.drain(), grace)
         except TimeoutError:
             log.error("grace period over with requests still queued")
+        await self.health.enter_graceful_shutdown()
         await self._server.stop(grace=1.0)
         if self.metrics is not None:
             self.metrics.close()
         self._stopped.set()
         log.info("stopped")
+
+    def hurry(self) -> None:
+        """End a drain delay in progress now (a second stop signal)."""
+        self._hurry.set()
+
+    async def _wait_for_hurry(self, timeout_s: float) -> None:
+        try:
+            await asyncio.wait_for(self._hurry.wait(), timeout_s)
+        except TimeoutError:
+            pass
 
     @property
     def stopped(self) -> bool:

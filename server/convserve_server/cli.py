@@ -1,4 +1,9 @@
-"""``convserve-serve``: run the server until SIGTERM or SIGINT, then drain and exit 0."""
+"""``convserve-serve``: run the server until SIGTERM or SIGINT, then drain and exit 0.
+
+Draining: health readiness turns NOT_SERVING at once, requests are still answered for
+``--drain-delay-s`` (a second signal cuts that short), then new ones get UNAVAILABLE and
+accepted ones have ``--grace-period-s`` to finish.
+"""
 
 from __future__ import annotations
 
@@ -31,9 +36,15 @@ async def serve(config: ServerConfig) -> None:
 
     server = await create_server(config)
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            server.hurry()  # a second signal: skip what is left of the drain delay
+        stop.set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await server.start()
         _freeze_startup_heap()

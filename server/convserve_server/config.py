@@ -43,7 +43,16 @@ class ServerConfig(BaseSettings):
                               "disables); with several workers, worker i serves its own on this port + i")
     versions_per_model: int = Field(1, ge=1, description="newest versions of each model kept loaded")
     poll_interval_s: float = Field(2.0, ge=0, description="how often to look for new model versions (0: never)")
-    grace_period_s: float = Field(10.0, gt=0, description="on SIGTERM, time allowed to answer accepted requests")
+    grace_period_s: float = Field(10.0, gt=0, description="on SIGTERM, after the drain delay: time allowed to answer "
+                                  "accepted requests")
+    drain_delay_s: float = Field(0.0, ge=0, description="on SIGTERM, how long to go on answering new requests while "
+                                 "health says NOT_SERVING, so that load balancers and Kubernetes endpoints stop sending "
+                                 "first; then new requests get UNAVAILABLE and accepted ones have grace_period_s")
+    max_connection_age_s: float = Field(0.0, ge=0, description="close each client connection (HTTP/2 GOAWAY) after "
+                                        "about this long, so that clients resolve the name again and reach replicas "
+                                        "added since (0: never)")
+    max_connection_age_grace_s: float = Field(5.0, ge=0, description="with max_connection_age_s: time that calls in "
+                                              "progress on a connection past its age get to finish")
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest gRPC message accepted or sent")
     workers: int = Field(1, ge=1, le=64, description="server processes sharing the port (SO_REUSEPORT)")
     tls_cert: Path | None = Field(None, description="server certificate PEM (turns on TLS)")

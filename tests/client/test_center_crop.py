@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from convserve_client.preprocessing import CROP_MODES, PreprocessingSpec, preprocess
+from convserve_client.preprocessing import PreprocessingSpec, preprocess
+from convserve_protocol.preprocessing_spec import CROP_MODES
 
 RESIZE_TOLERANCE = 1e-3
 """Largest |ours − Keras| on the 0..255 scale where Keras resizes: float32 rounding only."""

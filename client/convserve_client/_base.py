@@ -1,0 +1,63 @@
+"""What both clients share: their arguments, channel, stubs and settings."""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, ClassVar, Sequence
+
+import grpc
+
+from convserve_client import _core, _wire
+from convserve_client.targets import channel_target
+from convserve_client.types import ModelInfo, RetryPolicy
+
+DEFAULT_TIMEOUT_S = 30.0
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+class BaseClient:
+    """The arguments, channel and settings of :class:`~convserve_client.Client` and
+    :class:`~convserve_client.AsyncClient`, which add the I/O."""
+
+    _grpc: ClassVar[ModuleType] = grpc
+    """The module whose channels the client opens: ``grpc`` or ``grpc.aio``."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        model_name: str = "",
+        model_version: str = "",
+        timeout: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy = RetryPolicy(),
+        max_in_flight: int = 4,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be an integer >= 1")
+        target = channel_target(address, channel_options)
+        if credentials is None:
+            self._channel = self._grpc.insecure_channel(target.target, options=list(target.options))
+        else:
+            self._channel = self._grpc.secure_channel(target.target, credentials, options=list(target.options))
+        self._stubs = _core.stubs(self._channel)
+        self._settings = _core.Settings(model_name, model_version, timeout, retry, max_request_bytes)
+        self._metadata = _wire.auth_metadata(token)
+        self._max_in_flight = max_in_flight
+        # With several replicas a call waits (within its deadline) for one to be ready rather than failing
+        # at once while none is: during a rollout, the replicas it knows may all be draining before the
+        # name resolves to the new ones.
+        self._wait_for_ready = True if target.replicas else None
+        self._info: ModelInfo | None = None
+        self._start_workers()
+
+    def _start_workers(self) -> None:
+        """Set up what runs a classify call's requests concurrently (a client with threads needs a pool)."""
+
+    def _invoke(self, rpc: _core.Rpc) -> Any:
+        """Start one call: its response (or, for ``grpc.aio``, an awaitable of it)."""
+        return self._stubs[rpc.method](rpc.request, timeout=rpc.timeout, metadata=self._metadata,
+                                       wait_for_ready=self._wait_for_ready)
