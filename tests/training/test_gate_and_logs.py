@@ -93,6 +93,7 @@ def test_a_met_bar_publishes_and_stderr_has_no_tensorflow_cpp_lines(runs):
     assert "grey/1/model.onnx" in written(run.repository)
     assert not TF_CPP_LOG_LINE.search(run.stderr), run.stderr
     assert "NodeDef mentions" not in run.stderr
+    assert "INFO convserve_training.export: parity: ONNX matches Keras" in run.stderr  # our own logging stays
 
 
 @pytest.mark.parametrize("name", ["met", "refused"])
