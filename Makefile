@@ -18,9 +18,12 @@ ORT_BUILD := $(firstword $(ORT_CHOICE))
 ifeq ($(filter cpu gpu,$(ORT_BUILD)),)
 $(error GPU must be 0, 1 or unset, not '$(GPU)')
 endif
-STAMP := $(VENV)/.installed-$(ORT_BUILD)
+# Two install profiles, each with its stamp: serve (the contract, client, server and training: what `make serve` and
+# `make train` need) and dev (serve plus the root distribution's dev extra: test, benchmark and proto tools).
+SERVE_STAMP := $(VENV)/.installed-serve-$(ORT_BUILD)
+DEV_STAMP := $(VENV)/.installed-dev-$(ORT_BUILD)
 
-.PHONY: install train serve test perf-deps soak bench proto docs clean
+.PHONY: install install-serve train serve test perf-deps soak bench proto docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,25 +31,40 @@ $(BIN)/python:
 
 PARTS := proto client server training
 
-# The two ONNX Runtime builds provide the same module: one is removed before the other is installed.
-$(STAMP): $(BIN)/python pyproject.toml $(foreach part,$(PARTS),$(part)/pyproject.toml)
-	rm -f $(VENV)/.installed-*
-ifeq ($(ORT_BUILD),gpu)
-	$(BIN)/pip install --quiet $(foreach part,$(PARTS),-e ./$(part)) -e ".[dev]"
+# The two ONNX Runtime builds provide the same module: one is removed before the other is installed.  Every pip
+# install that may pull in the CPU build (training and the dev extra depend on it) is followed by the GPU swap.
+define GPU_SWAP
 	$(BIN)/pip uninstall --quiet --quiet --yes onnxruntime onnxruntime-gpu
 	$(BIN)/pip install --quiet -e "./server[gpu]"
+endef
+
+$(SERVE_STAMP): $(BIN)/python $(foreach part,$(PARTS),$(part)/pyproject.toml)
+	rm -f $(VENV)/.installed-*
+ifeq ($(ORT_BUILD),gpu)
+	$(BIN)/pip install --quiet $(foreach part,$(PARTS),-e ./$(part))
+	$(GPU_SWAP)
 else
 	$(BIN)/pip uninstall --quiet --quiet --yes onnxruntime-gpu onnxruntime
-	$(BIN)/pip install --quiet $(foreach part,$(PARTS),-e ./$(part)) -e ".[dev]"
+	$(BIN)/pip install --quiet $(foreach part,$(PARTS),-e ./$(part))
 endif
-	touch $(STAMP)
+	touch $(SERVE_STAMP)
 
-## install: create .venv and install the client, server, training and test dependencies
-install: $(STAMP)
+$(DEV_STAMP): $(SERVE_STAMP) pyproject.toml
+	$(BIN)/pip install --quiet -e ".[dev]"
+ifeq ($(ORT_BUILD),gpu)
+	$(GPU_SWAP)
+endif
+	touch $(DEV_STAMP)
+
+## install-serve: create .venv and install what serving and training need (the serve profile, docs/installing.md)
+install-serve: $(SERVE_STAMP)
 	@echo "ONNX Runtime: $(ORT_CHOICE)"
 
+## install: install-serve plus the test, benchmark and proto tools (the dev profile)
+install: install-serve $(DEV_STAMP)
+
 ## train: train the default model into $(MODELS)/ unless it is there (a new version: make train FORCE=1)
-train: install
+train: install-serve
 	$(BIN)/convserve-train --model-repository $(MODELS) $(if $(FORCE),,--skip-if-present)
 
 ## serve: train if needed, then serve $(MODELS)/ on port $(PORT)
@@ -70,7 +88,7 @@ soak: install
 
 ## bench: benchmark the server against its references and ceilings (docs/benchmarking.md); writes bench-results/
 ## (several models: make bench MODEL=NAME)
-bench: train
+bench: install train
 	$(BIN)/convserve-bench --model-repository $(MODELS) --output bench-results $(if $(MODEL),--model $(MODEL))
 
 GENERATED := proto/convserve_protocol/protos
@@ -83,7 +101,7 @@ proto: install
 	sed -i 's/^import \(\w*_pb2\) as/from . import \1 as/' $(GENERATED)/*_pb2_grpc.py
 
 ## docs: regenerate docs/configuration.md from the server's config class
-docs: install
+docs: install-serve
 	$(BIN)/python -m convserve_server.config_docs > docs/configuration.md
 
 clean:

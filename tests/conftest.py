@@ -8,7 +8,7 @@ from typing import AsyncIterator, Callable
 
 import pytest
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as convserve-train sets it: no C++ ERROR lines
 
 from convserve_server.app import ConvserveServer, create_server  # noqa: E402
 from convserve_server.config import ServerConfig  # noqa: E402

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import sys
 import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 from convserve_training.config import TrainingConfig
+from convserve_training.tf_logging import quiet_tensorflow_cpp_logs
 
 _PROG = "convserve-train"
 _FLAG_TYPES: dict[Any, type] = {Path: Path, str: str, int: int, float: float}
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if existing is not None:
             print(f"{existing} exists; not training (--skip-if-present)")
             return 0
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow_cpp_logs()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Imported here, not at the top: these load TensorFlow, which takes many seconds.
     from convserve_training.errors import TrainingError

@@ -52,6 +52,8 @@ class TrainingConfig:
     seed: int = field(default=42, metadata=_flag("seed of the split, the weights and the shuffling"))
     opset: int = field(default=DEFAULT_OPSET, metadata=_flag("ONNX opset to export with"))
     min_images_per_class: int = field(default=5, metadata=_flag("fewest readable images a class folder may have"))
+    min_test_accuracy: float = field(default=0.0, metadata=_flag(
+        "fail, writing no version, when the test accuracy is below this (0 to 1; 0: no bar)"))
     verbose: int = field(default=2, metadata=_flag(
         "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch", choices=VERBOSITY_LEVELS))
 
@@ -74,6 +76,8 @@ class TrainingConfig:
             return f"opset must be {DEFAULT_OPSET} or newer"
         if self.min_images_per_class < 1:
             return "min_images_per_class must be >= 1"
+        if not 0 <= self.min_test_accuracy <= 1:
+            return "min_test_accuracy must be between 0 and 1"
         if self.verbose not in VERBOSITY_LEVELS:
             return f"verbose must be one of {VERBOSITY_LEVELS}"
         return None

@@ -9,22 +9,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import keras
-import numpy as np
-import tensorflow as tf
+from convserve_training.tf_logging import quiet_tensorflow_cpp_logs
 
-from convserve_protocol.model_card import ModelCard
-from convserve_protocol.preprocessing_spec import PreprocessingSpec
-from convserve_training import export, report
-from convserve_training.config import TrainingConfig
-from convserve_training.data import Dataset, load_digits_dataset, load_image_folder, split_dataset
-from convserve_training.model import build_model
-from convserve_protocol.repository import MODEL_FILENAME
-from convserve_training.repository import stage_next_version
+quiet_tensorflow_cpp_logs()  # before TensorFlow's first import, which reads the level once
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from convserve_protocol.model_card import ModelCard  # noqa: E402
+from convserve_protocol.preprocessing_spec import PreprocessingSpec  # noqa: E402
+from convserve_training import export, report  # noqa: E402
+from convserve_training.config import TrainingConfig  # noqa: E402
+from convserve_training.data import Dataset, load_digits_dataset, load_image_folder, split_dataset  # noqa: E402
+from convserve_training.errors import TrainingError  # noqa: E402
+from convserve_training.model import build_model  # noqa: E402
+from convserve_protocol.repository import MODEL_FILENAME  # noqa: E402
+from convserve_training.repository import stage_next_version  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
+SMALL_TEST_SPLIT = 50
+"""Fewer test images than this make the test accuracy too rough to trust: the run warns."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +54,26 @@ def _one_hot(targets: np.ndarray, num_classes: int) -> np.ndarray:
     return keras.utils.to_categorical(targets, num_classes)
 
 
+def _warn_if_small(test_split: Dataset) -> None:
+    count = len(test_split.targets)
+    if count < SMALL_TEST_SPLIT:
+        log.warning("the test split has only %d images (under %d): its accuracy is a rough estimate; "
+                    "more data or a larger --test-fraction makes it trustworthy", count, SMALL_TEST_SPLIT)
+
+
+def _check_test_accuracy(accuracy: float, test_images: int, minimum: float) -> None:
+    """TrainingError when the model misses the bar; called before anything is written."""
+    if accuracy < minimum:
+        raise TrainingError(f"test accuracy {accuracy:.4f} on {test_images} images is below --min-test-accuracy "
+                            f"{minimum:g}; no version written")
+
+
 def run_training(config: TrainingConfig, print_fn: Callable[[str], None] = print) -> TrainingResult:
-    """Train, evaluate, export and write one new model version; raises TrainingError on bad input."""
+    """Train, evaluate, export and write one new model version.
+
+    Raises TrainingError on bad input, and when the test accuracy is below ``config.min_test_accuracy`` (checked
+    before anything is written, so the repository is left as it was).
+    """
     keras.utils.set_random_seed(config.seed)
     tf.config.experimental.enable_op_determinism()
     model_name = config.resolved_model_name()
@@ -61,6 +86,7 @@ def run_training(config: TrainingConfig, print_fn: Callable[[str], None] = print
     print_fn(f"dataset {dataset.name}: {len(dataset.targets)} images, {num_classes} classes "
              f"(train {len(splits.train.targets)}, validation {len(splits.validation.targets)}, "
              f"test {len(splits.test.targets)})")
+    _warn_if_small(splits.test)
 
     # Model and training.
     model = build_model((spec.height, spec.width, spec.channels), num_classes, config.learning_rate)
@@ -90,6 +116,7 @@ def run_training(config: TrainingConfig, print_fn: Callable[[str], None] = print
         "test_images": float(len(splits.test.targets)),
     }
     print_fn(f"test accuracy {test_accuracy:.4f} after {train_seconds:.1f} s of training")
+    _check_test_accuracy(float(test_accuracy), len(splits.test.targets), config.min_test_accuracy)
 
     # Export, check, and write the new version in one step.
     with stage_next_version(config.model_repository, model_name) as staged:
