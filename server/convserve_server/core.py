@@ -20,6 +20,7 @@ from convserve_server.config import ServerConfig
 from convserve_server.errors import InvalidInput, ModelNotFound, ModelNotReady, StartupError
 from convserve_server.repository import VersionPath, scan_repository
 from convserve_server.runtime import CPU, DeviceRequest, OnnxModel
+from convserve_server.verification import Verification, verify
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,18 @@ class ServedVersion:
             observer=observer,
         )
         self._config = config
+        self.verification = Verification(verified=False)
 
     async def warm_up(self) -> None:
-        """Warm the model on its worker thread, then open its batcher."""
+        """Warm the model on its worker thread, verify it there (VerificationFailed), then open its batcher."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self.model.warm_up, self._config.max_batch_size)
+        self.verification = await loop.run_in_executor(self._executor, verify, self.model, self.name, self.version,
+                                                       self._config.allow_unverified)
         self.batcher.start()
         self.ready = True
-        log.info("model %s v%d ready on %s (%d instances)", self.name, self.version, self.model.provider,
-                 self._config.model_instances)
+        log.info("model %s v%d ready on %s (%d instances), %s", self.name, self.version, self.model.provider,
+                 self._config.model_instances, self.verification.summary())
 
     async def retire(self) -> None:
         """Answer what is queued, then free the worker threads."""

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=defaults.opset, help="ONNX opset (default %(default)s)")
     parser.add_argument("--min-images-per-class", type=int, default=defaults.min_images_per_class,
                         help="default %(default)s")
+    parser.add_argument("--golden-count", type=int, default=defaults.golden_count,
+                        help="held-out images recorded in the model file as golden vectors (0: none; "
+                        "default %(default)s)")
+    parser.add_argument("--golden-tolerance", type=float, default=defaults.golden_tolerance,
+                        help="largest absolute probability difference a server accepts on the golden vectors "
+                        "(default %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no per-epoch progress")
     parser.add_argument("--skip-if-present", action="store_true",
                         help="do nothing if the repository already holds a version of this model")
@@ -53,6 +59,8 @@ def _check(args: argparse.Namespace) -> str | None:
     if not (0 < args.validation_fraction < 1 and 0 < args.test_fraction < 1
             and args.validation_fraction + args.test_fraction < 1):
         return "--validation-fraction and --test-fraction must be in (0, 1) and sum to less than 1"
+    if args.golden_count < 0 or not 0 < args.golden_tolerance < float("inf"):
+        return "--golden-count must be >= 0 and --golden-tolerance positive"
     return None
 
 
@@ -73,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         height=args.height, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, validation_fraction=args.validation_fraction,
         test_fraction=args.test_fraction, seed=args.seed, opset=args.opset,
-        min_images_per_class=args.min_images_per_class, verbose=0 if args.quiet else 2,
+        min_images_per_class=args.min_images_per_class, golden_count=args.golden_count,
+        golden_tolerance=args.golden_tolerance, verbose=0 if args.quiet else 2,
     )
     if args.skip_if_present:
         from convserve_training.repository import MODEL_FILENAME

@@ -13,10 +13,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from convserve_client.golden import DEFAULT_TOLERANCE, GoldenVectors
 from convserve_client.model_card import ModelCard
 from convserve_client.preprocessing import PreprocessingSpec
 from convserve_training import export, report
 from convserve_training.data import Dataset, load_digits_dataset, load_image_folder, split_dataset
+from convserve_training.golden import DEFAULT_COUNT, select_covering
 from convserve_training.model import build_model
 from convserve_training.repository import MODEL_FILENAME, stage_next_version
 
@@ -56,6 +58,10 @@ class TrainingConfig:
     """ONNX opset to export with."""
     min_images_per_class: int = 5
     """Fewest readable images a class folder may have."""
+    golden_count: int = DEFAULT_COUNT
+    """Held-out test images recorded in the card as golden vectors, covering several classes (0: none)."""
+    golden_tolerance: float = DEFAULT_TOLERANCE
+    """Largest absolute probability difference a server accepts on the golden vectors."""
     verbose: int = 2
     """Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch."""
 
@@ -84,6 +90,14 @@ def _load_dataset(config: TrainingConfig, spec: PreprocessingSpec) -> Dataset:
 
 def _one_hot(targets: np.ndarray, num_classes: int) -> np.ndarray:
     return keras.utils.to_categorical(targets, num_classes)
+
+
+def _golden_vectors(config: TrainingConfig, test: Dataset, keras_probabilities: np.ndarray) -> GoldenVectors | None:
+    """A few held-out images covering several classes, with the Keras probabilities the exported file must give."""
+    if config.golden_count == 0:
+        return None
+    chosen = select_covering(test.targets, config.golden_count)
+    return GoldenVectors(test.images[chosen], keras_probabilities[chosen], config.golden_tolerance)
 
 
 def run_training(config: TrainingConfig, print_fn: Callable[[str], None] = print) -> TrainingResult:
@@ -140,9 +154,12 @@ def run_training(config: TrainingConfig, print_fn: Callable[[str], None] = print
             trained_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             dataset=dataset.name,
             metrics=metrics,
+            golden=_golden_vectors(config, splits.test, keras_probabilities),
         )
         model_bytes = export.convert_to_onnx(model, card, config.opset).SerializeToString()
         metrics["parity_max_abs_diff"] = export.check_parity(keras_probabilities, model_bytes, splits.test.images)
+        if card.golden is not None:
+            export.check_golden(card.golden, model_bytes)
         (staged.staging / MODEL_FILENAME).write_bytes(model_bytes)
         report.write_report(
             staged.staging / REPORT_DIR, history.history, matrix, dataset.labels,

@@ -46,4 +46,8 @@ class ClassifierServicer(ServicerBase, pb_grpc.ClassifierServicer):
             max_batch_size=self.core.max_batch_size,
             execution_provider=served.model.provider,
             versions=[str(v) for v in self.core.versions(served.name)],
+            verified=served.verification.verified,
+            verification_provider=served.verification.provider,
+            verification_worst_difference=served.verification.worst_difference,
+            verification_tolerance=served.verification.tolerance,
         )
