@@ -83,5 +83,6 @@ def verify(model: OnnxModel, name: str, version: int, allow_unverified: bool) ->
 
 
 def _format(difference: float | None) -> str:
-    return "inf (outputs of another shape or not finite)" if difference is None or math.isinf(difference) \
-        else f"{difference:.3g}"
+    if difference is None or math.isinf(difference):
+        return "inf (outputs of another shape, or not finite)"
+    return f"{difference:.3g}"

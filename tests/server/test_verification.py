@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from convserve_client import AsyncClient
 from convserve_client.model_card import ModelCard
 from convserve_client.preprocessing import PreprocessingSpec
 from convserve_client.protos import classifier_pb2, classifier_pb2_grpc
@@ -181,8 +182,11 @@ async def test_a_tiny_model_with_golden_vectors_is_verified_and_a_tampered_one_r
     repository = tmp_path / "models"
     write_version(repository, "tiny", 1, with_golden(tiny_model()))
     server = await start_server(repository)
-    info = await asyncio.to_thread(model_info, f"127.0.0.1:{server.port}")
-    assert info.verified is True and info.verification_worst_difference <= 1e-4
+    async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+        info = await client.model_info()
+    assert info.verified is True and info.verification_provider == CPU
+    assert info.verification_worst_difference is not None and info.verification_worst_difference <= 1e-4
+    assert info.card.golden is not None and info.card.golden.count == 8
 
     write_version(repository, "tiny", 1, with_one_weight_changed(with_golden(tiny_model())))
     with pytest.raises(StartupError, match=r"model tiny v1 fails verification on CPUExecutionProvider"):
