@@ -62,7 +62,7 @@ class ServerConfig(BaseSettings):
     tls_client_ca: Path | None = Field(None, description="CA PEM that client certificates must chain to (mutual TLS)")
     auth_token: SecretStr | None = Field(None, description="bearer token callers must send (health stays open)")
     allow_unverified: bool = Field(False, description="serve a model whose golden vectors do not match on this "
-                                   "execution provider, with a warning, reported unverified (default: refuse it)")
+                                   "execution provider, with a warning, reported unverified")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @field_validator("device")
