@@ -108,3 +108,26 @@ def write_version(repository: Path, name: str, version: int, model: onnx.ModelPr
     proto = model if model is not None else tiny_model(name=name, version=str(version), **kwargs)  # type: ignore[arg-type]
     path.write_bytes(proto.SerializeToString())
     return path
+
+
+def with_golden(model: onnx.ModelProto, seed: int = 0, count: int = 8, tolerance: float = 1e-4) -> onnx.ModelProto:
+    """``model`` with golden vectors added by ``convserve-golden``'s library function, from random RGB images."""
+    from convserve_training.golden import golden_vectors_for, with_golden_vectors
+
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8) for _ in range(2 * count)]
+    return with_golden_vectors(model, golden_vectors_for(model, images, count, tolerance))
+
+
+def with_one_weight_changed(model: onnx.ModelProto, delta: float = 1.0) -> onnx.ModelProto:
+    """A copy of ``model`` (metadata and card untouched) whose first convolution or matrix weight has one element
+    moved by ``delta``."""
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    candidates = [init for init in changed.graph.initializer
+                  if init.data_type == TensorProto.FLOAT and len(init.dims) in (2, 4)]
+    target = max(candidates, key=lambda init: len(init.dims))  # a 4-D convolution kernel wins over a matrix
+    values = numpy_helper.to_array(target).copy()
+    values.flat[0] += np.float32(delta)
+    target.CopyFrom(numpy_helper.from_array(values, target.name))
+    return changed

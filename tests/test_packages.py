@@ -11,7 +11,7 @@ import pytest
 FORBIDDEN = {
     "convserve_server.app": ("PIL", "convserve_client", "convserve_training", "tensorflow", "keras"),
     "convserve_server.cli": ("PIL", "convserve_client", "convserve_training", "tensorflow", "keras"),
-    "convserve_protocol.model_card": ("PIL", "numpy", "convserve_client", "convserve_server", "onnxruntime"),
+    "convserve_protocol.model_card": ("PIL", "convserve_client", "convserve_server", "onnxruntime"),
     "convserve_client": ("convserve_server", "convserve_training", "onnxruntime", "tensorflow"),
 }
 

@@ -79,6 +79,10 @@ def parse_model_info(message: classifier_pb2.ModelInfo) -> ModelInfo:
         max_batch_size=message.max_batch_size,
         execution_provider=message.execution_provider,
         card=card,
+        verified=message.verified,
+        verification_provider=message.verification_provider,
+        verification_worst_difference=(message.verification_worst_difference
+                                       if message.HasField("verification_worst_difference") else None),
     )
 
 

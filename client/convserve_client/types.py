@@ -51,6 +51,12 @@ class ModelInfo:
     max_batch_size: int
     execution_provider: str
     card: ModelCard
+    verified: bool = False
+    """The server ran the file's golden vectors on its provider and they matched (see docs/verification.md)."""
+    verification_provider: str = ""
+    """The provider the golden inputs ran on; empty for a file without them."""
+    verification_worst_difference: float | None = None
+    """The largest absolute probability difference the server measured; None for a file without golden vectors."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from convserve_protocol.golden import GoldenVectors
 from convserve_protocol.preprocessing_spec import PreprocessingSpec
 
 _PREFIX = "convserve."
@@ -38,12 +39,17 @@ class ModelCard:
     """Name of the dataset the model was trained on."""
     metrics: Mapping[str, float] = field(default_factory=dict)
     """Held-out test metrics, such as ``test_accuracy``."""
+    golden: GoldenVectors | None = None
+    """Inputs and the probabilities the model must give for them (see :mod:`convserve_protocol.golden`)."""
 
     def __post_init__(self) -> None:
         if not self.labels:
             raise ValueError("a model card needs at least one label")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError("labels must be unique")
+        if self.golden is not None:
+            spec = self.preprocessing
+            self.golden.check_fits((spec.height, spec.width, spec.channels), len(self.labels))
 
     def to_metadata(self) -> dict[str, str]:
         """The card as ONNX ``metadata_props`` (string keys and values)."""
@@ -59,6 +65,7 @@ class ModelCard:
             f"{_PREFIX}trained_at": self.trained_at,
             f"{_PREFIX}dataset": self.dataset,
             f"{_PREFIX}metrics": json.dumps(dict(self.metrics), sort_keys=True),
+            **(self.golden.to_metadata() if self.golden is not None else {}),
         }
 
     @classmethod
@@ -87,6 +94,7 @@ class ModelCard:
             trained_at=metadata.get(f"{_PREFIX}trained_at", ""),
             dataset=metadata.get(f"{_PREFIX}dataset", ""),
             metrics={str(k): float(v) for k, v in metrics.items()},
+            golden=GoldenVectors.from_metadata(metadata),
         )
 
     def to_json(self) -> str:

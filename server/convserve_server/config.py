@@ -59,6 +59,8 @@ class ServerConfig(BaseSettings):
     tls_key: Path | None = Field(None, description="server private key PEM")
     tls_client_ca: Path | None = Field(None, description="CA PEM that client certificates must chain to (mutual TLS)")
     auth_token: SecretStr | None = Field(None, description="bearer token callers must send (health stays open)")
+    allow_unverified: bool = Field(False, description="serve a model whose golden vectors do not match on this "
+                                   "execution provider, with a warning, reported unverified")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @field_validator("device")
@@ -119,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + name.replace("_", "-")
         env = "CONVSERVE_" + name.upper()
         default = field.default.get_secret_value() if isinstance(field.default, SecretStr) else field.default
+        switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}  # bare --flag means true
         parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar=name.upper(),
-                            help=f"{field.description} [{env}; default {default}]")
+                            help=f"{field.description} [{env}; default {default}]", **switch)
     return parser
 
 

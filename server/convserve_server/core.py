@@ -23,6 +23,7 @@ from convserve_server.errors import (
 )
 from convserve_server.runtime import CPU, DeviceRequest, OnnxModel
 from convserve_server.statistics import VersionStatistics
+from convserve_server.verification import Verification, verify
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class ServedVersion:
             name=f"model-{source.name}-{source.version}",
         )
         self._config = config
+        self.verification = Verification(verified=False)
 
     @property
     def ready(self) -> bool:
@@ -55,11 +57,14 @@ class ServedVersion:
         return self.batcher.running
 
     async def warm_up(self) -> None:
-        """Warm the model off the event loop, then open its batcher."""
+        """Warm the model off the event loop, verify it on its provider (VerificationFailed), then open its
+        batcher."""
         await asyncio.to_thread(self.model.warm_up, self._config.max_batch_size)
+        self.verification = await asyncio.to_thread(verify, self.model, self.name, self.version,
+                                                    self._config.allow_unverified)
         self.batcher.start()
-        log.info("model %s v%d ready on %s (%d instances)", self.name, self.version, self.model.provider,
-                 self._config.model_instances)
+        log.info("model %s v%d ready on %s (%d instances), %s", self.name, self.version, self.model.provider,
+                 self._config.model_instances, self.verification.summary())
 
     async def retire(self) -> None:
         """Answer what is queued, then stop the model's worker threads."""

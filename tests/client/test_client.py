@@ -93,6 +93,7 @@ async def test_model_info_comes_from_the_server(tiny_server):
     assert info.labels == TINY_LABELS and info.preprocessing == PreprocessingSpec(8, 8)
     assert info.max_batch_size == 64 and info.execution_provider == "CPUExecutionProvider"
     assert info.card.dataset == "synthetic"
+    assert info.verified is False and info.verification_worst_difference is None  # the tiny file has no golden vectors
 
 
 async def test_long_lists_are_chunked_and_come_back_in_input_order(tiny_repo, start_server):

@@ -178,7 +178,7 @@ def test_help_argument_errors_and_skip_if_present_do_not_import_tensorflow(tmp_p
     code, heavy, _, err = run_fast_path("--crop", "stretch")
     assert (code, heavy) == (2, []) and "invalid choice: 'stretch'" in err
     code, heavy, _, err = run_fast_path("--height", "4")
-    assert (code, heavy) == (2, []) and err.strip() == "convserve-train: error: height and width must be at least 8 " \
+    assert (code, heavy) == (2, []) and err.strip() == "convserve-train: error: height and width must be at least 10 " \
         "(two 3x3 convolutions and two poolings)"
 
     repository = tmp_path / "repo"
@@ -189,3 +189,23 @@ def test_help_argument_errors_and_skip_if_present_do_not_import_tensorflow(tmp_p
                                            "--model-name", "photos")
     assert (code, heavy) == (0, [])
     assert output == f"{repository / 'photos' / '1' / 'model.onnx'} exists; not training (--skip-if-present)"
+
+
+def test_golden_count_and_tolerance_are_recorded_in_the_card(data_dir, tmp_path):
+    from convserve_protocol.model_card import ModelCard
+    import onnx
+
+    repository = tmp_path / "repo"
+    assert train(["--data-dir", str(data_dir), "--model-repository", str(repository), "--height", "16", "--width", "16",
+                  "--golden-count", "4", "--golden-tolerance", "0.002"]) == 0
+    model = onnx.load(str(repository / "colours/1/model.onnx"))
+    golden = ModelCard.from_metadata({p.key: p.value for p in model.metadata_props}).golden
+    assert golden is not None and golden.count == 4 and golden.tolerance == 0.002
+    dominant_channels = golden.inputs.mean(axis=(1, 2)).argmax(axis=1)  # red, green or blue images
+    assert set(dominant_channels.tolist()) == {0, 1, 2}, "the held-out images chosen cover every class"
+
+
+@pytest.mark.parametrize("flags", [["--golden-count", "-1"], ["--golden-tolerance", "0"], ["--golden-tolerance", "inf"]])
+def test_bad_golden_flags_are_one_error_line(flags, tmp_path, capsys):
+    assert main([*flags, "--model-repository", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("convserve-train: error: golden_count must be >= 0")

@@ -72,3 +72,22 @@ def test_onnx_runtime_reproduces_the_reported_accuracy(default_training):
     predictions = session.run(None, {"image": splits.test.images})[0].argmax(axis=1)
     accuracy = float((predictions == splits.test.targets).mean())
     assert accuracy == pytest.approx(default_training.metrics["test_accuracy"], abs=1e-6)
+
+
+def test_the_default_run_records_eight_held_out_images_of_eight_classes_as_golden_vectors(default_training):
+    from convserve_protocol.golden import GOLDEN_KEY
+    from convserve_client.preprocessing import PreprocessingSpec
+    from convserve_training.data import load_digits_dataset, split_dataset
+
+    model = onnx.load(str(default_training.model_path))
+    metadata = {prop.key: prop.value for prop in model.metadata_props}
+    golden = ModelCard.from_metadata(metadata).golden
+    assert golden is not None and golden.count == 8 and golden.tolerance == 1e-4
+    assert golden.inputs.dtype == np.float32 and golden.inputs.shape == (8, 28, 28, 3)
+    assert 1024 < len(metadata[GOLDEN_KEY]) < 64 * 1024
+
+    test = split_dataset(load_digits_dataset(PreprocessingSpec(28, 28)), 0.1, 0.2, seed=42).test
+    rows = [next(i for i, image in enumerate(test.images) if np.array_equal(image, golden_input))
+            for golden_input in golden.inputs]  # StopIteration: not a held-out test image
+    assert len(set(test.targets[rows].tolist())) == 8, "one image of each of eight classes"
+    assert golden.worst_difference(onnx_probabilities(default_training.model_path.read_bytes(), golden.inputs)) <= 1e-4

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from convserve_protocol.golden import DEFAULT_COUNT, DEFAULT_TOLERANCE
 from convserve_protocol.preprocessing_spec import CROP_MODES
 
 DEFAULT_MODEL_NAME = "digits"
@@ -54,6 +55,10 @@ class TrainingConfig:
     min_images_per_class: int = field(default=5, metadata=_flag("fewest readable images a class folder may have"))
     min_test_accuracy: float = field(default=0.0, metadata=_flag(
         "fail, writing no version, when the test accuracy is below this (0 to 1; 0: no bar)"))
+    golden_count: int = field(default=DEFAULT_COUNT, metadata=_flag(
+        "held-out test images recorded in the model file as golden vectors, covering several classes (0: none)"))
+    golden_tolerance: float = field(default=DEFAULT_TOLERANCE, metadata=_flag(
+        "largest absolute probability difference a server accepts on the golden vectors"))
     verbose: int = field(default=2, metadata=_flag(
         "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch", choices=VERBOSITY_LEVELS))
 
@@ -63,8 +68,8 @@ class TrainingConfig:
             raise ValueError(problem)
 
     def _problem(self) -> str | None:
-        if self.height < 8 or self.width < 8:
-            return "height and width must be at least 8 (two 3x3 convolutions and two poolings)"
+        if self.height < 10 or self.width < 10:  # 8 would leave the second pooling a 1x1 input
+            return "height and width must be at least 10 (two 3x3 convolutions and two poolings)"
         if self.crop not in CROP_MODES:
             return f"crop must be one of {', '.join(CROP_MODES)}, not {self.crop!r}"
         if self.epochs < 1 or self.batch_size < 1:
@@ -78,6 +83,8 @@ class TrainingConfig:
             return "min_images_per_class must be >= 1"
         if not 0 <= self.min_test_accuracy <= 1:
             return "min_test_accuracy must be between 0 and 1"
+        if self.golden_count < 0 or not 0 < self.golden_tolerance < float("inf"):
+            return "golden_count must be >= 0 and golden_tolerance positive and finite"
         if self.verbose not in VERBOSITY_LEVELS:
             return f"verbose must be one of {VERBOSITY_LEVELS}"
         return None

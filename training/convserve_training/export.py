@@ -17,6 +17,7 @@ import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
 
+from convserve_protocol.golden import GoldenVectors
 from convserve_protocol.model_card import ModelCard
 from convserve_training.config import DEFAULT_OPSET
 from convserve_training.errors import TrainingError
@@ -69,4 +70,14 @@ def check_parity(keras_probabilities: np.ndarray, model_bytes: bytes, images: np
     if not worst <= PARITY_TOLERANCE:
         raise ParityError(f"ONNX and Keras probabilities differ by {worst:.3g} (> {PARITY_TOLERANCE:g})")
     log.info("parity: ONNX matches Keras within %.3g on %d images", worst, len(images))
+    return worst
+
+
+def check_golden(golden: GoldenVectors, model_bytes: bytes) -> float:
+    """The worst difference ONNX Runtime (CPU) shows on the card's golden vectors; :class:`ParityError` above
+    their tolerance, since every server would then refuse the file."""
+    worst = golden.worst_difference(onnx_probabilities(model_bytes, golden.inputs))
+    if not worst <= golden.tolerance:
+        raise ParityError(f"golden vectors: ONNX differs from Keras by {worst:.3g} (> tolerance {golden.tolerance:g}); "
+                          "a server would refuse this file")
     return worst

@@ -17,12 +17,14 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from convserve_protocol.golden import GoldenVectors  # noqa: E402
 from convserve_protocol.model_card import ModelCard  # noqa: E402
 from convserve_protocol.preprocessing_spec import PreprocessingSpec  # noqa: E402
 from convserve_training import export, report  # noqa: E402
 from convserve_training.config import TrainingConfig  # noqa: E402
 from convserve_training.data import Dataset, load_digits_dataset, load_image_folder, split_dataset  # noqa: E402
 from convserve_training.errors import TrainingError  # noqa: E402
+from convserve_training.golden import select_covering  # noqa: E402
 from convserve_training.model import build_model  # noqa: E402
 from convserve_protocol.repository import MODEL_FILENAME  # noqa: E402
 from convserve_training.repository import stage_next_version  # noqa: E402
@@ -66,6 +68,14 @@ def _check_test_accuracy(accuracy: float, test_images: int, minimum: float) -> N
     if accuracy < minimum:
         raise TrainingError(f"test accuracy {accuracy:.4f} on {test_images} images is below --min-test-accuracy "
                             f"{minimum:g}; no version written")
+
+
+def _golden_vectors(config: TrainingConfig, test: Dataset, keras_probabilities: np.ndarray) -> GoldenVectors | None:
+    """A few held-out images covering several classes, with the Keras probabilities the exported file must give."""
+    if config.golden_count == 0:
+        return None
+    chosen = select_covering(test.targets, config.golden_count)
+    return GoldenVectors(test.images[chosen], keras_probabilities[chosen], config.golden_tolerance)
 
 
 def run_training(config: TrainingConfig, print_fn: Callable[[str], None] = print) -> TrainingResult:
@@ -128,9 +138,12 @@ def run_training(config: TrainingConfig, print_fn: Callable[[str], None] = print
             trained_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             dataset=dataset.name,
             metrics=metrics,
+            golden=_golden_vectors(config, splits.test, keras_probabilities),
         )
         model_bytes = export.convert_to_onnx(model, card, config.opset).SerializeToString()
         metrics["parity_max_abs_diff"] = export.check_parity(keras_probabilities, model_bytes, splits.test.images)
+        if card.golden is not None:
+            export.check_golden(card.golden, model_bytes)
         (staged.staging / MODEL_FILENAME).write_bytes(model_bytes)
         report.write_report(
             staged.staging / REPORT_DIR, history.history, matrix, dataset.labels,

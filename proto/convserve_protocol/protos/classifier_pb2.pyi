@@ -59,7 +59,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "labels", "height", "width", "channels", "preprocessing_json", "model_card_json", "max_batch_size", "execution_provider", "versions", "is_default")
+    __slots__ = ("name", "version", "labels", "height", "width", "channels", "preprocessing_json", "model_card_json", "max_batch_size", "execution_provider", "versions", "verified", "verification_provider", "verification_worst_difference", "verification_tolerance", "is_default")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,10 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_WORST_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATION_TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
@@ -83,5 +87,9 @@ class ModelInfo(_message.Message):
     max_batch_size: int
     execution_provider: str
     versions: _containers.RepeatedScalarFieldContainer[str]
+    verified: bool
+    verification_provider: str
+    verification_worst_difference: float
+    verification_tolerance: float
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., preprocessing_json: _Optional[str] = ..., model_card_json: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., execution_provider: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ..., preprocessing_json: _Optional[str] = ..., model_card_json: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., execution_provider: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., verified: _Optional[bool] = ..., verification_provider: _Optional[str] = ..., verification_worst_difference: _Optional[float] = ..., verification_tolerance: _Optional[float] = ..., is_default: _Optional[bool] = ...) -> None: ...

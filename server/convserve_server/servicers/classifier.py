@@ -47,4 +47,8 @@ class ClassifierServicer(ServicerBase, pb_grpc.ClassifierServicer):
             execution_provider=served.model.provider,
             versions=[str(v) for v in self.core.versions(served.name)],
             is_default=served.name == self.core.default_model,
+            verified=served.verification.verified,
+            verification_provider=served.verification.provider,
+            verification_worst_difference=served.verification.worst_difference,
+            verification_tolerance=served.verification.tolerance,
         )

@@ -18,6 +18,7 @@ from convserve_server.errors import InvalidInput, ModelNotFound, quoted
 from convserve_server.servicers.status import ServicerBase, deadline_of, rpc
 from convserve_server.servicers.tensors import checked_shape, fp32_from_bytes, fp32_from_values
 from convserve_server.statistics import Duration, VersionStatistics
+from convserve_server.verification import Verification
 
 SERVER_NAME = "convserve"
 PLATFORM = "onnxruntime_onnx"
@@ -61,10 +62,24 @@ def _check_requested_outputs(request: pb.ModelInferRequest, served: ServedVersio
                                 f"{quoted(served.model.card.output_name)}")
 
 
-def _param(value: str | int | bool) -> pb.InferParameter:
+def _param(value: str | int | bool | float) -> pb.InferParameter:
     if isinstance(value, bool):
         return pb.InferParameter(bool_param=value)
-    return pb.InferParameter(int64_param=value) if isinstance(value, int) else pb.InferParameter(string_param=value)
+    if isinstance(value, int):
+        return pb.InferParameter(int64_param=value)
+    if isinstance(value, float):
+        return pb.InferParameter(double_param=value)
+    return pb.InferParameter(string_param=value)
+
+
+def _verification_params(verification: Verification) -> dict[str, pb.InferParameter]:
+    """``verified``, and where golden vectors were run, the provider, worst difference and tolerance."""
+    params = {"verified": _param(verification.verified)}
+    if verification.measured:
+        params["verification_provider"] = _param(verification.provider)
+        params["verification_worst_difference"] = _param(float(verification.worst_difference or 0.0))
+        params["verification_tolerance"] = _param(float(verification.tolerance or 0.0))
+    return params
 
 
 def _model_config(setup: ModelConfiguration) -> pb.ModelConfig:
@@ -175,6 +190,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
                 "preprocessing": _param(card.preprocessing.to_json()),
                 "max_batch_size": _param(self.core.max_batch_size),
                 "default": _param(served.name == self.core.default_model),
+                **_verification_params(served.verification),
             },
         )
 
