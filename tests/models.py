@@ -17,10 +17,12 @@ TINY_LABELS = ("ant", "bee", "cat", "dog")
 def tiny_model(
     labels: tuple[str, ...] = TINY_LABELS, height: int = 8, width: int = 8, seed: int = 0,
     name: str = "tiny", version: str = "1", hidden_layers: int = 0, hidden_width: int = 1024,
+    crop: str = "center_to_aspect_ratio",
 ) -> onnx.ModelProto:
     """Flatten → MatMul → Add → Softmax on (N, H, W, 3) images, with a full model card.
 
-    ``hidden_layers`` square MatMul+Tanh layers of ``hidden_width`` make it as slow as a test needs.
+    ``hidden_layers`` square MatMul+Tanh layers of ``hidden_width`` make it as slow as a test needs;
+    ``crop`` is the card's crop mode.
     """
     rng = np.random.default_rng(seed)
     features = height * width * 3
@@ -56,7 +58,7 @@ def tiny_model(
     model.ir_version = 8
     card = ModelCard(
         model_name=name, model_version=version, labels=labels,
-        preprocessing=PreprocessingSpec(height=height, width=width),
+        preprocessing=PreprocessingSpec(height=height, width=width, crop=crop),
         trained_at="2026-01-01T00:00:00+00:00", dataset="synthetic", metrics={"test_accuracy": 0.5},
     )
     helper.set_model_props(model, card.to_metadata())

@@ -183,12 +183,12 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
         opened.load()
         ImageOps.exif_transpose(opened, in_place=True)
         return opened
-    except ImageError:
+    except (ImageError, MemoryError):
         opened.close()
         raise
-    except (OSError, SyntaxError, ValueError) as exc:
+    except Exception as exc:  # Pillow's decoders raise all sorts on hostile bytes; each means the same
         opened.close()
-        raise ImageError(f"{source}: cannot decode image: {exc}", source=source) from exc
+        raise ImageError(f"{source}: cannot decode image: {exc or type(exc).__name__}", source=source) from exc
 
 
 def _pillow_to_rgb(image: Image.Image, source: str) -> np.ndarray:
