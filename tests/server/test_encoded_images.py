@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -212,3 +213,31 @@ async def test_decoding_runs_off_the_event_loop(stub):
     # Had the decode run on the loop, one tiny call would have waited for most of it.
     assert len(latencies) >= 3, (latencies, big_duration)
     assert max(latencies) < big_duration / 3, (max(latencies), big_duration)
+
+
+def documented_grpcurl_command() -> str:
+    """The shell command of docs/protocol.md that classifies an image file with grpcurl."""
+    text = (Path(__file__).parents[2] / "docs" / "protocol.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in text.split("```sh\n")[1:]]
+    return next(block for block in blocks if "encoded_images" in block and "grpcurl" in block)
+
+
+async def test_the_documented_grpcurl_command_classifies_an_image_file(tmp_path, start_server, digit_files):
+    command = documented_grpcurl_command()
+    if shutil.which("grpcurl") is None:
+        pytest.skip("grpcurl is not on PATH (a Go program, which Debian 12 does not package)")
+    repository = tmp_path / "models"
+    write_version(repository, "digits", 1, labels=tuple("0123456789"), height=28, width=28)
+    server = await start_server(repository)
+    image = digit_files[7]
+    command = command.replace("localhost:8500", f"127.0.0.1:{server.port}").replace("seven.png", str(image))
+    process = await asyncio.create_subprocess_exec("bash", "-c", command, stdout=asyncio.subprocess.PIPE,
+                                                   stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, stderr.decode()
+    answer = json.loads(stdout)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        expected = await cpb_grpc.ClassifierStub(channel).Classify(
+            cpb.ClassifyRequest(model_name="digits", top_k=3, encoded_images=[image.read_bytes()]))
+    assert answer["model_name"] == "digits"
+    assert [item["label"] for item in answer["results"][0]["top_k"]] == [p.label for p in expected.results[0].top_k]
