@@ -58,6 +58,7 @@ __all__ = [
     "PreprocessingSpec",
     "aspect_crop_box",
     "center_crop",
+    "check_pixel_count",
     "crop_box",
     "crop_to_aspect_and_resize",
     "describe_source",
@@ -176,8 +177,10 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
         raise ImageError(f"{source}: not a recognised image format", source=source) from exc
     except Image.DecompressionBombError as exc:  # Pillow's own ceiling, if ours was set above it
         raise ImageTooLarge(f"{source}: {exc}", source=source, pixels=0, limit=max_pixels) from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{source}: cannot decode image: {exc}", source=source) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow's header parsers raise all sorts on hostile bytes; each means the same
+        raise ImageError(f"{source}: cannot decode image: {exc or type(exc).__name__}", source=source) from exc
     try:
         check_pixel_count(opened.width, opened.height, max_pixels, source)  # the header only: nothing decoded yet
         opened.load()
@@ -186,7 +189,7 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
     except (ImageError, MemoryError):
         opened.close()
         raise
-    except Exception as exc:  # Pillow's decoders raise all sorts on hostile bytes; each means the same
+    except Exception as exc:  # and so do its decoders
         opened.close()
         raise ImageError(f"{source}: cannot decode image: {exc or type(exc).__name__}", source=source) from exc
 
