@@ -8,7 +8,6 @@ client-preprocessed tensor.  Nothing here knows gRPC.
 from __future__ import annotations
 
 import asyncio
-import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
@@ -18,8 +17,6 @@ from convserve_protocol.preprocessing import ImageError, ImageTooLarge, preproce
 from convserve_protocol.preprocessing_spec import PreprocessingSpec
 from convserve_server.config import ServerConfig
 from convserve_server.errors import InvalidInput
-
-log = logging.getLogger(__name__)
 
 FP32_BYTES = 4
 
