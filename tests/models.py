@@ -17,10 +17,12 @@ TINY_LABELS = ("ant", "bee", "cat", "dog")
 def tiny_model(
     labels: tuple[str, ...] = TINY_LABELS, height: int = 8, width: int = 8, seed: int = 0,
     name: str = "tiny", version: str = "1", hidden_layers: int = 0, hidden_width: int = 1024,
+    crop: str = "center_to_aspect_ratio",
 ) -> onnx.ModelProto:
     """Flatten → MatMul → Add → Softmax on (N, H, W, 3) images, with a full model card.
 
-    ``hidden_layers`` square MatMul+Tanh layers of ``hidden_width`` make it as slow as a test needs.
+    ``hidden_layers`` square MatMul+Tanh layers of ``hidden_width`` make it as slow as a test needs;
+    ``crop`` is the card's crop mode.
     """
     rng = np.random.default_rng(seed)
     features = height * width * 3
@@ -52,7 +54,7 @@ def tiny_model(
             *hidden_weights,
         ],
     )
-    return _model_with_card(graph, labels, height, width, name, version)
+    return _model_with_card(graph, labels, height, width, name, version, crop)
 
 
 def conv_model(
@@ -87,13 +89,14 @@ def conv_model(
 
 def _model_with_card(
     graph: onnx.GraphProto, labels: tuple[str, ...], height: int, width: int, name: str, version: str,
+    crop: str = "center_to_aspect_ratio",
 ) -> onnx.ModelProto:
     """The checked model of ``graph``, its model card in the metadata."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     card = ModelCard(
         model_name=name, model_version=version, labels=labels,
-        preprocessing=PreprocessingSpec(height=height, width=width),
+        preprocessing=PreprocessingSpec(height=height, width=width, crop=crop),
         trained_at="2026-01-01T00:00:00+00:00", dataset="synthetic", metrics={"test_accuracy": 0.5},
     )
     helper.set_model_props(model, card.to_metadata())

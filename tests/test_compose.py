@@ -75,11 +75,15 @@ def test_server_image_installs_only_the_contract_and_the_server():
     assert "./client" not in installs and "./training" not in installs and "tensorflow" not in installs.lower()
 
 
-def test_the_server_distribution_depends_on_no_training_client_or_imaging_package():
+def test_the_server_distribution_depends_on_no_training_or_client_and_decodes_through_the_contract():
     dependencies = tomllib.loads((ROOT / "server/pyproject.toml").read_text())["project"]["dependencies"]
     names = {re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower() for requirement in dependencies}
     assert "convserve-protocol" in names
     assert names.isdisjoint({"convserve-client", "convserve-training", "tensorflow", "tensorflow-cpu", "pillow"})
+    # Pillow comes only with the contract's preprocessing (the "images" extra), to decode encoded_images.
+    assert any(requirement.startswith("convserve-protocol[images]") for requirement in dependencies)
+    extras = tomllib.loads((ROOT / "proto/pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(requirement.lower().startswith("pillow") for requirement in extras["images"])
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:

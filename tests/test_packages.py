@@ -7,11 +7,13 @@ import sys
 
 import pytest
 
-# What each entry point may not load: the server image ships neither the client SDK (nor its Pillow) nor training.
+# What each entry point may not load: the server image ships neither the client SDK nor training, and loads Pillow
+# only when it decodes a Classify request's encoded_images (convserve_protocol.preprocessing imports it lazily).
 FORBIDDEN = {
     "convserve_server.app": ("PIL", "convserve_client", "convserve_training", "tensorflow", "keras"),
     "convserve_server.cli": ("PIL", "convserve_client", "convserve_training", "tensorflow", "keras"),
     "convserve_protocol.model_card": ("PIL", "convserve_client", "convserve_server", "onnxruntime"),
+    "convserve_protocol.preprocessing": ("PIL", "convserve_client", "convserve_server", "onnxruntime"),
     "convserve_client": ("convserve_server", "convserve_training", "onnxruntime", "tensorflow"),
 }
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from convserve_protocol import preprocessing as _preprocessing
+
 
 class ConvserveError(Exception):
     """Base of every error the SDK raises."""
@@ -45,13 +47,12 @@ class ServerError(ConvserveError):
     """Any other status the server answered with."""
 
 
-class ImageError(ConvserveError, ValueError):
-    """An input image could not be read or decoded; names the image."""
+class ImageError(ConvserveError, _preprocessing.ImageError):
+    """An input image could not be read or decoded; names the image (the contract's error, as the SDK's)."""
 
     def __init__(self, message: str, source: str, index: int | None = None) -> None:
-        super().__init__(message)
-        self.source = source
-        self.index = index
+        _preprocessing.ImageError.__init__(self, message, source, index)  # ConvserveError's would pass only message
+        self.code = None
 
 
 _BY_CODE: dict[grpc.StatusCode, type[ConvserveError]] = {

@@ -1,7 +1,7 @@
 """The preprocessing spec: how raw images become a model's input, as data stored in the model file.
 
-The client SDK and training implement it (``convserve_client.preprocessing``); the
-server reads it to know the input size and hands it to clients.
+:mod:`convserve_protocol.preprocessing` implements it, for training, the client SDK and the
+server (which also reads it to know the input size and hands it to clients).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ _SPEC_VERSION = 1
 
 CROP_MODES = ("center_to_aspect_ratio", "center")
 """The crop modes a spec may name: ``center_to_aspect_ratio`` (Keras ``Resizing(crop_to_aspect_ratio=True)``)
-or ``center`` (Keras ``CenterCrop``); ``convserve_client.preprocessing`` implements both."""
+or ``center`` (Keras ``CenterCrop``); ``convserve_protocol.preprocessing`` implements both."""
 
 
 @dataclass(frozen=True)

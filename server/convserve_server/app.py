@@ -27,6 +27,7 @@ from convserve_server.auth import BearerTokenInterceptor
 from convserve_server.config import ServerConfig
 from convserve_server.core import InferenceCore
 from convserve_server.errors import StartupError
+from convserve_server.images import ImageDecoder
 from convserve_server.metrics import ServerMetrics
 from convserve_server.ports import check_port_free
 from convserve_server.servicers.classifier import ClassifierServicer
@@ -103,7 +104,8 @@ class ConvserveServer:
         self._server = grpc.aio.server(options=_channel_options(config), interceptors=interceptors,
                                        maximum_concurrent_rpcs=config.max_concurrent_rpcs)
         add_unary_service(self._server, INFERENCE_SERVICE, InferenceServicer(core, metrics))
-        add_unary_service(self._server, CLASSIFIER_SERVICE, ClassifierServicer(core, metrics))
+        self.decoder = ImageDecoder(config)
+        add_unary_service(self._server, CLASSIFIER_SERVICE, ClassifierServicer(core, metrics, self.decoder))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -172,6 +174,7 @@ class ConvserveServer:
             log.error("grace period over with requests still queued")
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace=1.0)
+        self.decoder.close()
         if self.metrics is not None:
             self.metrics.close()
         self._stopped.set()

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from convserve_protocol.preprocessing import DEFAULT_MAX_IMAGE_PIXELS
 from convserve_server.runtime import DeviceRequest
 
 
@@ -54,6 +55,15 @@ class ServerConfig(BaseSettings):
     max_connection_age_grace_s: float = Field(5.0, ge=0, description="with max_connection_age_s: time that calls in "
                                               "progress on a connection past its age get to finish")
     max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest gRPC message accepted or sent")
+    max_image_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Classify encoded_images: most bytes of one "
+                                 "encoded image")
+    max_encoded_request_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Classify encoded_images: most "
+                                           "encoded bytes of one request, all its images together")
+    max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1, description="Classify encoded_images: most pixels "
+                                  "(width × height, read from the file's header before decoding) of one image; "
+                                  "decoding costs up to 4 bytes a pixel")
+    decode_threads: int = Field(2, ge=1, le=64, description="threads decoding Classify encoded_images, off the event "
+                                "loop (each request's images decode together on one of them)")
     workers: int = Field(1, ge=1, le=64, description="server processes sharing the port (SO_REUSEPORT)")
     tls_cert: Path | None = Field(None, description="server certificate PEM (turns on TLS)")
     tls_key: Path | None = Field(None, description="server private key PEM")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x63lassifier.proto\x12\x0c\x63onvserve.v1\"\x89\x01\n\x0f\x43lassifyRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x01(\x0c\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x1d\n\x15include_probabilities\x18\x06 \x01(\x08\"?\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x13\n\x0b\x63lass_index\x18\x03 \x01(\x05\"U\n\x13ImageClassification\x12\'\n\x05top_k\x18\x01 \x03(\x0b\x32\x18.convserve.v1.Prediction\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\"q\n\x10\x43lassifyResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x32\n\x07results\x18\x03 \x03(\x0b\x32!.convserve.v1.ImageClassification\"@\n\x13GetModelInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xb9\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x06 \x01(\x05\x12\x1a\n\x12preprocessing_json\x18\x07 \x01(\t\x12\x17\n\x0fmodel_card_json\x18\x08 \x01(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\x05\x12\x1a\n\x12\x65xecution_provider\x18\n \x01(\t\x12\x10\n\x08versions\x18\x0b \x03(\t\x12\x10\n\x08verified\x18\x0c \x01(\x08\x12\x1d\n\x15verification_provider\x18\r \x01(\t\x12*\n\x1dverification_worst_difference\x18\x0e \x01(\x01H\x00\x88\x01\x01\x12#\n\x16verification_tolerance\x18\x0f \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nis_default\x18\x10 \x01(\x08\x42 \n\x1e_verification_worst_differenceB\x19\n\x17_verification_tolerance2\xa7\x01\n\nClassifier\x12K\n\x08\x43lassify\x12\x1d.convserve.v1.ClassifyRequest\x1a\x1e.convserve.v1.ClassifyResponse\"\x00\x12L\n\x0cGetModelInfo\x12!.convserve.v1.GetModelInfoRequest\x1a\x17.convserve.v1.ModelInfo\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x63lassifier.proto\x12\x0c\x63onvserve.v1\"\xa1\x01\n\x0f\x43lassifyRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06images\x18\x03 \x01(\x0c\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x1d\n\x15include_probabilities\x18\x06 \x01(\x08\x12\x16\n\x0e\x65ncoded_images\x18\x07 \x03(\x0c\"?\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x13\n\x0b\x63lass_index\x18\x03 \x01(\x05\"U\n\x13ImageClassification\x12\'\n\x05top_k\x18\x01 \x03(\x0b\x32\x18.convserve.v1.Prediction\x12\x15\n\rprobabilities\x18\x02 \x03(\x02\"q\n\x10\x43lassifyResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x32\n\x07results\x18\x03 \x03(\x0b\x32!.convserve.v1.ImageClassification\"@\n\x13GetModelInfoRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\xb9\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0e\n\x06labels\x18\x03 \x03(\t\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x10\n\x08\x63hannels\x18\x06 \x01(\x05\x12\x1a\n\x12preprocessing_json\x18\x07 \x01(\t\x12\x17\n\x0fmodel_card_json\x18\x08 \x01(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\x05\x12\x1a\n\x12\x65xecution_provider\x18\n \x01(\t\x12\x10\n\x08versions\x18\x0b \x03(\t\x12\x10\n\x08verified\x18\x0c \x01(\x08\x12\x1d\n\x15verification_provider\x18\r \x01(\t\x12*\n\x1dverification_worst_difference\x18\x0e \x01(\x01H\x00\x88\x01\x01\x12#\n\x16verification_tolerance\x18\x0f \x01(\x01H\x01\x88\x01\x01\x12\x12\n\nis_default\x18\x10 \x01(\x08\x42 \n\x1e_verification_worst_differenceB\x19\n\x17_verification_tolerance2\xa7\x01\n\nClassifier\x12K\n\x08\x43lassify\x12\x1d.convserve.v1.ClassifyRequest\x1a\x1e.convserve.v1.ClassifyResponse\"\x00\x12L\n\x0cGetModelInfo\x12!.convserve.v1.GetModelInfoRequest\x1a\x17.convserve.v1.ModelInfo\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,17 +32,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'classifier_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLASSIFYREQUEST']._serialized_start=35
-  _globals['_CLASSIFYREQUEST']._serialized_end=172
-  _globals['_PREDICTION']._serialized_start=174
-  _globals['_PREDICTION']._serialized_end=237
-  _globals['_IMAGECLASSIFICATION']._serialized_start=239
-  _globals['_IMAGECLASSIFICATION']._serialized_end=324
-  _globals['_CLASSIFYRESPONSE']._serialized_start=326
-  _globals['_CLASSIFYRESPONSE']._serialized_end=439
-  _globals['_GETMODELINFOREQUEST']._serialized_start=441
-  _globals['_GETMODELINFOREQUEST']._serialized_end=505
-  _globals['_MODELINFO']._serialized_start=508
-  _globals['_MODELINFO']._serialized_end=949
-  _globals['_CLASSIFIER']._serialized_start=952
-  _globals['_CLASSIFIER']._serialized_end=1119
+  _globals['_CLASSIFYREQUEST']._serialized_end=196
+  _globals['_PREDICTION']._serialized_start=198
+  _globals['_PREDICTION']._serialized_end=261
+  _globals['_IMAGECLASSIFICATION']._serialized_start=263
+  _globals['_IMAGECLASSIFICATION']._serialized_end=348
+  _globals['_CLASSIFYRESPONSE']._serialized_start=350
+  _globals['_CLASSIFYRESPONSE']._serialized_end=463
+  _globals['_GETMODELINFOREQUEST']._serialized_start=465
+  _globals['_GETMODELINFOREQUEST']._serialized_end=529
+  _globals['_MODELINFO']._serialized_start=532
+  _globals['_MODELINFO']._serialized_end=973
+  _globals['_CLASSIFIER']._serialized_start=976
+  _globals['_CLASSIFIER']._serialized_end=1143
 # @@protoc_insertion_point(module_scope)

@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "images", "shape", "top_k", "include_probabilities")
+    __slots__ = ("model_name", "model_version", "images", "shape", "top_k", "include_probabilities", "encoded_images")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     images: bytes
     shape: _containers.RepeatedScalarFieldContainer[int]
     top_k: int
     include_probabilities: bool
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., images: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., include_probabilities: _Optional[bool] = ...) -> None: ...
+    encoded_images: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., images: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., top_k: _Optional[int] = ..., include_probabilities: _Optional[bool] = ..., encoded_images: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "score", "class_index")

@@ -50,7 +50,7 @@ class ClassifierServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Classify(self, request, context):
-        """Classify a batch of preprocessed images.
+        """Classify a batch of images: preprocessed (images) or encoded files (encoded_images).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

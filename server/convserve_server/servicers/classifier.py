@@ -1,11 +1,16 @@
-"""The typed ``convserve.v1.Classifier`` servicer: preprocessed images in, labels out."""
+"""The typed ``convserve.v1.Classifier`` servicer: images (a preprocessed tensor, or encoded files) in, labels out."""
 
 from __future__ import annotations
 
 import grpc.aio
+import numpy as np
 
 from convserve_protocol.protos import classifier_pb2 as pb
 from convserve_protocol.protos import classifier_pb2_grpc as pb_grpc
+from convserve_server.core import InferenceCore, ServedVersion
+from convserve_server.errors import InvalidInput
+from convserve_server.images import ImageDecoder
+from convserve_server.metrics import ServerMetrics
 from convserve_server.servicers.status import ServicerBase, deadline_of, rpc
 from convserve_server.servicers.tensors import checked_shape, fp32_from_bytes
 
@@ -13,11 +18,25 @@ from convserve_server.servicers.tensors import checked_shape, fp32_from_bytes
 class ClassifierServicer(ServicerBase, pb_grpc.ClassifierServicer):
     """Classify and GetModelInfo."""
 
+    def __init__(self, core: InferenceCore, metrics: ServerMetrics | None, decoder: ImageDecoder) -> None:
+        super().__init__(core, metrics)
+        self.decoder = decoder
+
+    async def _resolve_with_images(self, request: pb.ClassifyRequest) -> tuple[ServedVersion, np.ndarray]:
+        """The version asked for and the request's model input: its tensor, or its encoded images decoded
+        with that version's preprocessing."""
+        if not request.encoded_images:
+            shape = checked_shape(request.shape, "images", rank=4)
+            images = fp32_from_bytes(request.images, shape, "images")
+            return self.core.resolve(request.model_name, request.model_version), images
+        if request.images or request.shape:
+            raise InvalidInput("set either images (with shape) or encoded_images, not both")
+        served = self.core.resolve(request.model_name, request.model_version)
+        return served, await self.decoder.preprocess(request.encoded_images, served.model.card.preprocessing)
+
     @rpc("Classify")
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        shape = checked_shape(request.shape, "images", rank=4)
-        images = fp32_from_bytes(request.images, shape, "images")
-        served = self.core.resolve(request.model_name, request.model_version)
+        served, images = await self._resolve_with_images(request)
         result = await self.core.classify(served, images, request.top_k or 1, deadline_of(context))
         labels = served.model.card.labels
         response = pb.ClassifyResponse(model_name=served.name, model_version=str(served.version))
