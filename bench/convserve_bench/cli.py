@@ -42,6 +42,8 @@ from convserve_bench.report import describe_machine, markdown, write_plot
 from convserve_bench.rounds import LoadTarget, Measured, measure_step
 from convserve_bench.rpc import ModelUnavailable, ServedModel, read_served_model
 from convserve_protocol.repository import VersionPath, scan_repository
+from convserve_server import eventloop
+from convserve_server.errors import StartupError
 
 _PROG = "convserve-bench"
 REFERENCE_SERVERS = "convserve_bench.servers"
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "time is up, so that no round measures nothing (default %(default)s)")
     parser.add_argument("--processes", type=int, default=1, help="load-generator processes (default %(default)s)")
     parser.add_argument("--server-args", default="", help="extra flags for the convserve-serve it starts")
-    parser.add_argument("--event-loop", choices=servers.EVENT_LOOPS, default="auto",
+    parser.add_argument("--event-loop", choices=eventloop.CHOICES, default="auto",
                         help="event loop of the do-nothing server (default %(default)s: uvloop where installed, "
                         "as convserve itself always picks)")
     parser.add_argument("--ready-timeout", type=float, default=120.0,
@@ -106,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps = parse_steps(args.steps)
         _check_numbers(args)
         event_loop = servers.loop_name(args.event_loop)
-    except ValueError as exc:
+    except (ValueError, StartupError) as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)
         return 2
     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent import futures
 from pathlib import Path
 
@@ -28,31 +28,16 @@ import numpy as np
 from convserve_bench import rpc
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_server import eventloop
+from convserve_server.errors import StartupError
 
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 NAIVE_WORKER_THREADS = 10  # what gRPC's Python examples use
 
 
-def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop factory for "uvloop", and for "auto" where it is installed; None (asyncio's own) otherwise.
-
-    ValueError, in one line, for "uvloop" where it is missing.
-    """
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            raise ValueError("--event-loop uvloop: uvloop is not installed (pip install uvloop)") from None
-        return None
-    return uvloop.new_event_loop
-
-
 def loop_name(choice: str) -> str:
-    """``uvloop`` or ``asyncio``: the loop ``choice`` gives on this machine."""
-    return "asyncio" if loop_factory(choice) is None else "uvloop"
+    """``uvloop`` or ``asyncio``: the loop ``choice`` gives on this machine (StartupError for a missing uvloop)."""
+    return eventloop.loop_name(eventloop.loop_factory(choice))
 
 
 class NoopInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -131,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     noop = kinds.add_parser("noop", help="the do-nothing server")
     noop.add_argument("--classes", type=int, required=True, help="answers per image")
     noop.add_argument("--output-name", required=True, help="name of the answer's tensor")
-    noop.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto")
+    noop.add_argument("--event-loop", choices=eventloop.CHOICES, default="auto")
     naive = kinds.add_parser("naive", help="the naive server")
     naive.add_argument("--model-path", type=Path, required=True, help="the model.onnx to run")
     return parser
@@ -144,8 +129,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         serve_naive(args.host, args.port, args.model_path)
         return
     try:
-        factory = loop_factory(args.event_loop)
-    except ValueError as exc:
+        factory = eventloop.loop_factory(args.event_loop)  # the loop convserve itself runs on
+    except StartupError as exc:
         raise SystemExit(str(exc)) from None
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(serve_noop(args.host, args.port, args.classes, args.output_name))

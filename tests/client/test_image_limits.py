@@ -19,6 +19,7 @@ from convserve_client.preprocessing import (
     preprocess_batch,
 )
 from convserve_protocol import preprocessing as shared
+from tests.images import bomb_png, encode
 from tests.memory import MIB, peak_rss_bytes, reset_peak_rss
 
 SPECS = [PreprocessingSpec(28, 28), PreprocessingSpec(70, 120), PreprocessingSpec(500, 300),
@@ -26,14 +27,6 @@ SPECS = [PreprocessingSpec(28, 28), PreprocessingSpec(70, 120), PreprocessingSpe
          PreprocessingSpec(500, 700, crop="center")]
 
 
-def encode(image: Image.Image, image_format: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format, **options)
-    return buffer.getvalue()
-
-
-def bomb_png(side: int) -> bytes:
-    return encode(Image.new("1", (side, side)), "PNG", optimize=True)
 
 
 @pytest.fixture(scope="module")

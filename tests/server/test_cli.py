@@ -7,9 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,9 +16,9 @@ import pytest
 from convserve_bench.processes import ServerProcess, free_port, wait_until_ready, wait_until_serving_metrics
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
-from convserve_server.errors import StartupError
-from convserve_server.runtime import CUDA, DeviceRequest, OnnxModel
+from convserve_server.runtime import CUDA
 
+from tests.gpu import cuda_unusable
 from tests.models import tiny_model, write_version
 
 
@@ -105,21 +103,7 @@ def test_a_worker_that_cannot_start_stops_the_others_and_the_command_fails(tiny_
     assert any(f"cannot serve metrics on 0.0.0.0:{port}" in error for port in (second_workers_port - 1, second_workers_port))
 
 
-def cuda_works() -> bool:
-    """Whether ONNX Runtime really runs on CUDA here (listing the provider is not enough)."""
-    if CUDA not in ort.get_available_providers():
-        return False
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.onnx"
-        path.write_bytes(tiny_model().SerializeToString())
-        try:
-            OnnxModel.load(path, DeviceRequest("cuda"))
-        except StartupError:
-            return False
-    return True
-
-
-HAS_CUDA = cuda_works()
+HAS_CUDA = cuda_unusable() is None
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="this machine has a working CUDA provider; the no-fallback error cannot happen")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import shutil
 import time
@@ -13,13 +12,13 @@ import grpc
 import grpc.aio
 import numpy as np
 import pytest
-from PIL import Image
 from sklearn.datasets import load_digits, load_sample_images
 
 from convserve_client.preprocessing import preprocess_batch
 from convserve_protocol.preprocessing_spec import PreprocessingSpec
 from convserve_protocol.protos import classifier_pb2 as cpb
 from convserve_protocol.protos import classifier_pb2_grpc as cpb_grpc
+from tests.images import bomb_png, encode
 from tests.memory import MIB, peak_rss_bytes, reset_peak_rss
 from tests.models import write_version
 
@@ -34,16 +33,6 @@ MODELS = {
 }
 
 
-def encode(pixels: np.ndarray | Image.Image, image_format: str, **options: object) -> bytes:
-    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
-    buffer = io.BytesIO()
-    image.save(buffer, format=image_format, **options)
-    return buffer.getvalue()
-
-
-def bomb_png(side: int) -> bytes:
-    """A one-bit black PNG of ``side``×``side``: kilobytes on the wire, ``side``² pixels decoded."""
-    return encode(Image.new("1", (side, side)), "PNG", optimize=True)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ Skipped, with the reason, wherever ONNX Runtime cannot run a convolution on CUDA
 from __future__ import annotations
 
 import json
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -17,26 +16,13 @@ import onnxruntime as ort
 import pytest
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
-from convserve_server.errors import StartupError
 from convserve_server.runtime import CPU, CUDA, DeviceRequest, OnnxModel, cuda_provider_options
 
+from tests.gpu import cuda_unusable
 from tests.models import conv_model, write_version
 from convserve_bench.processes import ServerProcess
 
 BATCH = 64
-
-
-def cuda_unusable() -> str | None:
-    """Why a convolution cannot run on CUDA here, or None where it can (listing the provider is not enough)."""
-    if CUDA not in ort.get_available_providers():
-        return f"this onnxruntime build has no {CUDA}"
-    with tempfile.TemporaryDirectory() as folder:
-        path = write_version(Path(folder), "conv", 1, conv_model())
-        try:
-            OnnxModel.load(path, DeviceRequest("cuda"))  # also loads the pip-installed CUDA libraries, once
-        except StartupError as exc:
-            return f"CUDA unusable here: {exc}"
-    return None
 
 
 UNUSABLE = cuda_unusable()

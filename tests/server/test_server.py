@@ -19,7 +19,7 @@ from convserve_protocol.protos import classifier_pb2 as cpb
 from convserve_protocol.protos import classifier_pb2_grpc as cpb_grpc
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.models import TINY_LABELS, write_version
+from tests.models import TINY_LABELS
 
 SHAPE = (8, 8, 3)
 

@@ -26,6 +26,7 @@ from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server.errors import StartupError
 from convserve_server.runtime import CPU, CUDA, DeviceRequest, OnnxModel, cuda_provider_options
 from convserve_server.verification import measure
+from tests.gpu import cuda_unusable
 from tests.models import tiny_model, with_golden, with_one_weight_changed, write_version
 from convserve_bench.processes import ServerExited, ServerProcess
 
@@ -228,22 +229,8 @@ def conv_model(size: int = 32, channels: int = 16, classes: int = 10, seed: int 
     return model
 
 
-def cuda_works() -> bool:
-    """Whether a session here really runs on the CUDA execution provider."""
-    if CUDA not in ort.get_available_providers():
-        return False
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.onnx"
-        path.write_bytes(tiny_model().SerializeToString())
-        try:
-            OnnxModel.load(path, DeviceRequest("cuda"))
-        except StartupError:
-            return False
-    return True
-
-
 @pytest.mark.gpu
-@pytest.mark.skipif(not cuda_works(), reason="needs an NVIDIA GPU with CUDA 13 and cuDNN 9 for onnxruntime-gpu")
+@pytest.mark.skipif(cuda_unusable() is not None, reason=str(cuda_unusable()))
 def test_a_model_verified_on_the_cpu_verifies_on_cuda_with_tf32_off_and_would_fail_with_it_on(tmp_path):
     path = tmp_path / "model.onnx"
     path.write_bytes(with_golden(conv_model()).SerializeToString())
