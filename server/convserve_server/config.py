@@ -44,7 +44,17 @@ class ServerConfig(BaseSettings):
                                     "(0: never)")
     event_loop: EventLoop = Field("auto", description="asyncio event loop: auto (uvloop where installed, else asyncio's "
                             "own), uvloop or asyncio")
-    max_concurrent_rpcs: int = Field(4096, ge=1, description="RPCs in progress before new ones get RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = Field(4096, ge=1, description="model calls in progress (counted once their request "
+                                     "has arrived; health and calls still sending do not count) before new ones get "
+                                     "RESOURCE_EXHAUSTED at once")
+    receive_timeout_s: float = Field(10.0, gt=0, le=3600, description="time a call has, from its headers, to send its "
+                                     "whole request message; past it, DEADLINE_EXCEEDED")
+    max_concurrent_streams: int = Field(256, ge=1, description="HTTP/2 streams (calls) open at once on one connection; "
+                                        "a client queues further calls until one ends")
+    max_watch_streams: int = Field(256, ge=0, description="health Watch streams open at once, in all; beyond, "
+                                   "RESOURCE_EXHAUSTED")
+    max_watch_streams_per_peer: int = Field(16, ge=0, description="health Watch streams open at once from one peer "
+                                            "address")
     model_instances: int = Field(2, ge=1, le=64, description="batches of one model that may compute at once, each "
                                  "on its own worker thread (like Triton's instance count); a further one starts only "
                                  "while a full batch waits, and on the CPU the intra-op threads of batches run under "
@@ -57,7 +67,7 @@ class ServerConfig(BaseSettings):
     versions_per_model: int = Field(1, ge=1, description="newest versions of each model kept loaded")
     poll_interval_s: float = Field(2.0, ge=0, description="how often to look for new model versions (0: never)")
     grace_period_s: float = Field(10.0, gt=0, description="on SIGTERM, time allowed to answer accepted requests")
-    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest gRPC message accepted or sent")
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest gRPC message accepted or sent")
     workers: int = Field(1, ge=1, le=64, description="server processes sharing the port (SO_REUSEPORT)")
     tls_cert: Path | None = Field(None, description="server certificate PEM (turns on TLS)")
     tls_key: Path | None = Field(None, description="server private key PEM")
