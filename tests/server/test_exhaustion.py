@@ -32,6 +32,7 @@ TOKEN = "exhaustion-test-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 WATCH_PATH = "/grpc.health.v1.Health/Watch"
+CHECK_PATH = "/grpc.health.v1.Health/Check"
 EMPTY_GRPC_MESSAGE = b"\x00\x00\x00\x00\x00"  # an uncompressed, empty protobuf message: HealthCheckRequest(service="")
 
 
@@ -270,10 +271,11 @@ def test_4096_unauthenticated_open_streams_do_not_lock_out_an_authenticated_call
         for index, attacker in enumerate(attackers):
             attacker.ignore_stream_limit()
             for stream in range(512):
-                if (index + stream) % 2:
+                kind = (index + stream) % 3
+                if kind == 0:
                     attacker.open_call(WATCH_PATH, body=EMPTY_GRPC_MESSAGE)  # health is open by design
-                else:
-                    attacker.open_call(INFER_PATH)  # headers, and never a body
+                else:  # headers, and never a body: to a guarded method, and to an open one
+                    attacker.open_call(INFER_PATH if kind == 1 else CHECK_PATH)
             attacker.flush()
         for attacker in attackers:
             attacker.round_trip()
