@@ -7,6 +7,7 @@ Every test judges the server against an honest caller's calls in the same run, n
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -419,3 +420,23 @@ def test_refused_authenticated_maximum_size_messages_leave_no_memory_behind(repo
         after = rss_after_settling(server)
     assert codes and set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}, set(codes)
     assert after < 2 * baseline, f"resident memory {baseline:.0f} MB idle, {after:.0f} MB after {len(codes)} refusals"
+
+
+async def test_model_calls_over_the_limit_are_refused_at_once_and_watch_streams_take_no_slot(tmp_path: Path,
+                                                                                            start_server):
+    repository = tmp_path / "models"
+    write_version(repository, "tiny", 1, hidden_layers=4, hidden_width=2048)  # some milliseconds per call
+    server = await start_server(repository, max_concurrent_rpcs=2)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        watches = [health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()) for _ in range(3)]
+        for watch in watches:
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        await infer(image_request(), timeout=10)  # three open Watch streams, and a model call still gets a slot
+        outcomes = await asyncio.gather(*(infer(image_request(), timeout=10) for _ in range(16)),
+                                        return_exceptions=True)
+        for watch in watches:
+            watch.cancel()
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert refused and len(refused) < len(outcomes), outcomes
+    assert {(o.code(), "server busy" in o.details()) for o in refused} == {(grpc.StatusCode.RESOURCE_EXHAUSTED, True)}
