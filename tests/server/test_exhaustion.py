@@ -24,6 +24,7 @@ import pytest
 from convserve_bench.processes import ServerNotReady, ServerProcess
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_server.admission import PeerLimit, peer_host
 from convserve_server.config import ServerConfig
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -350,13 +351,16 @@ def test_a_half_open_authenticated_call_is_ended_after_the_receive_timeout_and_f
         message = image_request().SerializeToString()
         complete = attacker.open_call(INFER_PATH, AUTH, body=b"\x00" + len(message).to_bytes(4, "big") + message)
         attacker.flush()
-        while complete not in attacker.statuses:
-            assert time.monotonic() - started < 30, "the complete call got no answer"
+        empty = attacker.open_call(INFER_PATH, AUTH, body=b"")  # a call ended without any request message
+        attacker.flush()
+        while complete not in attacker.statuses or empty not in attacker.statuses:
+            assert time.monotonic() - started < 30, f"no answer: {attacker.statuses}"
             attacker.pump(0.1)
         attacker.close()
     assert {attacker.statuses[stream] for stream in stalled} == {str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])}
     assert ended_after >= 0.9
     assert attacker.statuses[complete] == "0"
+    assert attacker.statuses[empty] == str(grpc.StatusCode.INVALID_ARGUMENT.value[0])
 
 
 def test_health_watch_streams_are_bounded_per_peer_and_in_all(repository: Path):
@@ -440,3 +444,22 @@ async def test_model_calls_over_the_limit_are_refused_at_once_and_watch_streams_
     refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
     assert refused and len(refused) < len(outcomes), outcomes
     assert {(o.code(), "server busy" in o.details()) for o in refused} == {(grpc.StatusCode.RESOURCE_EXHAUSTED, True)}
+
+
+@pytest.mark.parametrize("peer, host", [
+    ("ipv4:10.0.0.1:5000", "ipv4:10.0.0.1"),
+    ("ipv6:[::1]:443", "ipv6:[::1]"),
+    ("unix:/run/convserve.sock", "unix:/run/convserve.sock"),
+])
+def test_watch_streams_are_counted_per_peer_host_whatever_its_port(peer, host):
+    assert peer_host(peer) == host
+
+
+def test_a_peer_limit_bounds_each_peer_and_the_total_and_frees_slots():
+    limit = PeerLimit(total=3, per_peer=2)
+    assert limit.try_enter("a") and limit.try_enter("a")
+    assert not limit.try_enter("a")
+    assert limit.try_enter("b")
+    assert not limit.try_enter("c")
+    limit.leave("a")
+    assert limit.try_enter("c") and limit.in_progress == 3
