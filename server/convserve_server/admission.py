@@ -26,6 +26,8 @@ import grpc.aio
 from convserve_server.memory import MemoryReleaser
 
 WATCH_METHOD = "/grpc.health.v1.Health/Watch"
+LARGE_MESSAGE_BYTES = 1 << 20
+"""A request message this large has its memory released soon after (see :mod:`convserve_server.memory`)."""
 
 
 class ConcurrencyLimit:
@@ -125,16 +127,30 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.request_streaming:
             return handler  # reflection: its messages are read by its own code as they come
+        deserializer = self._noting_large(handler.request_deserializer)
         if handler.response_streaming:
             return grpc.stream_stream_rpc_method_handler(
                 self._watch(handler.unary_stream) if method == WATCH_METHOD else self._streaming(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+                request_deserializer=deserializer, response_serializer=handler.response_serializer)
         counted = method.startswith(self._counted_prefixes)
         return grpc.stream_unary_rpc_method_handler(
             self._counted(handler.unary_unary) if counted else self._timed(handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+            request_deserializer=deserializer, response_serializer=handler.response_serializer)
+
+    def _noting_large(self, deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+        """The method's deserializer, which also has the memory of a large message released soon after.
+
+        Open methods (health) take messages of up to --max-message-bytes from anyone, and an answered call
+        leaves its buffers in the heap as much as a refused one.
+        """
+        releaser = self._releaser
+
+        def deserialize(data: bytes) -> Any:
+            if releaser is not None and len(data) >= LARGE_MESSAGE_BYTES:
+                releaser.release_soon()
+            return data if deserializer is None else deserializer(data)
+
+        return deserialize
 
     def _timed(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def timed(requests: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -153,14 +169,14 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                                         f"server busy: {calls.limit} calls in progress; retry later")
             except BaseException:
                 if releaser is not None:
-                    releaser.note_refusal()
+                    releaser.release_soon()
                 raise
             try:
                 return await behavior(request, context)
             except BaseException:
                 # A refused request (bad input, overload) may have been large: give its memory back soon.
                 if releaser is not None:
-                    releaser.note_refusal()
+                    releaser.release_soon()
                 raise
             finally:
                 calls.leave()

@@ -31,7 +31,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def _deny(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
         if self._releaser is not None:
-            self._releaser.note_refusal()  # what gRPC received before the refusal is freed; give it back
+            self._releaser.release_soon()  # what gRPC received before the refusal is freed; give it back
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token in 'authorization' metadata")
 
     async def intercept_service(

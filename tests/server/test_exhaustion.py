@@ -237,23 +237,26 @@ def test_unauthenticated_maximum_size_messages_cost_no_memory_and_lock_out_nobod
     with GuardedServer(repository) as server:
         assert one_authenticated_call(server.address) == grpc.StatusCode.OK
         baseline = rss_after_settling(server, 1.0)
-        # Four callers, each resending as soon as it is refused, a message as large as the server accepts.
-        payload = b"\x00" * (max_bytes - 64)
+        # Four callers, each resending as soon as it is answered, a message as large as the server accepts:
+        # two to a method that needs a token, two to the health service, which is open to anyone.
+        guarded = (INFER_PATH, b"\x00" * (max_bytes - 64))
+        open_to_all = (CHECK_PATH, health_pb2.HealthCheckRequest(service="x" * (max_bytes - 64)).SerializeToString())
         stop_at = time.monotonic() + 10
-        refused: list[grpc.StatusCode] = []
+        codes: dict[str, list[grpc.StatusCode]] = {INFER_PATH: [], CHECK_PATH: []}
         peak = [baseline]
 
-        def attacker() -> None:
+        def attacker(path: str, payload: bytes) -> None:
             with own_channel(server.address) as channel:
-                send = channel.unary_unary(INFER_PATH)  # bytes in, bytes out: no serialization cost here
+                send = channel.unary_unary(path)  # bytes in, bytes out: no serialization cost here
                 while time.monotonic() < stop_at:
                     try:
                         send(payload, timeout=30)
                     except grpc.RpcError as exc:
-                        refused.append(exc.code())
+                        codes[path].append(exc.code())
 
         honest = HonestCaller(server.address)
-        attackers = [threading.Thread(target=attacker, daemon=True) for _ in range(4)]
+        attackers = [threading.Thread(target=attacker, args=target, daemon=True)
+                     for target in (guarded, guarded, open_to_all, open_to_all)]
         honest.start()
         for thread in attackers:
             thread.start()
@@ -262,7 +265,8 @@ def test_unauthenticated_maximum_size_messages_cost_no_memory_and_lock_out_nobod
             time.sleep(0.2)
         honest.stop()
         after = rss_after_settling(server)
-    assert refused and set(refused) == {grpc.StatusCode.UNAUTHENTICATED}, set(refused)
+    assert codes[INFER_PATH] and set(codes[INFER_PATH]) == {grpc.StatusCode.UNAUTHENTICATED}, set(codes[INFER_PATH])
+    assert codes[CHECK_PATH] and set(codes[CHECK_PATH]) == {grpc.StatusCode.NOT_FOUND}, set(codes[CHECK_PATH])
     assert honest.codes and not honest.failures, honest.failures[:5]
     assert after < 2 * baseline, f"resident memory {baseline:.0f} MB idle, {max(peak):.0f} MB peak, {after:.0f} MB after"
 
