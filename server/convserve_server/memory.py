@@ -6,7 +6,8 @@ collector runs, which it does by object count, not bytes: hundreds of MB can wai
 message in many small buffers, which glibc keeps in its heaps once freed. So, a moment after the first
 refusal or a request of 1 MiB or more, the cycles are collected (about 3 ms on the event loop) and
 ``malloc_trim`` hands the free pages of every heap back (on a worker thread); at most once per ``delay_s``, so
-a stream of them costs one round a second, and an answered small call nothing.
+a stream of them costs one round a second, and an answered small call nothing. Blocks of 1 MiB or more are
+kept out of the heaps altogether (see :class:`MemoryReleaser`).
 """
 
 from __future__ import annotations
