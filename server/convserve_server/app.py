@@ -23,11 +23,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from convserve_protocol.protos import classifier_pb2, grpc_predict_v2_pb2
+from convserve_server.admission import AdmissionInterceptor, ConcurrencyLimit, PeerLimit
 from convserve_server.auth import BearerTokenInterceptor
 from convserve_server.config import ServerConfig
 from convserve_server.core import InferenceCore
 from convserve_server.errors import StartupError
 from convserve_server.images import ImageDecoder
+from convserve_server.memory import MemoryReleaser
 from convserve_server.metrics import ServerMetrics
 from convserve_server.ports import check_port_free
 from convserve_server.servicers.classifier import ClassifierServicer
@@ -54,6 +56,7 @@ def _channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
     ]
     if config.workers > 1:
         options.append(("grpc.so_reuseport", 1))
@@ -80,6 +83,13 @@ def _connection_age_options(config: ServerConfig) -> list[tuple[str, Any]]:
     ]
 
 
+def _admission(config: ServerConfig, releaser: MemoryReleaser) -> AdmissionInterceptor:
+    """Our own admission in place of gRPC's maximum_concurrent_rpcs, which open streams of any kind would fill."""
+    return AdmissionInterceptor(
+        tuple(f"/{name}/" for name in SERVICE_NAMES), ConcurrencyLimit(config.max_concurrent_rpcs),
+        PeerLimit(config.max_watch_streams, config.max_watch_streams_per_peer), config.receive_timeout_s, releaser)
+
+
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None or config.tls_key is None:
         return None
@@ -98,11 +108,12 @@ class ConvserveServer:
         self.core = core
         self.metrics = metrics
         self.health = health.aio.HealthServicer()
-        interceptors = []
+        releaser = MemoryReleaser()
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.auth_token is not None:
-            interceptors.append(BearerTokenInterceptor(config.auth_token.get_secret_value()))
-        self._server = grpc.aio.server(options=_channel_options(config), interceptors=interceptors,
-                                       maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+            interceptors.append(BearerTokenInterceptor(config.auth_token.get_secret_value(), releaser))
+        interceptors.append(_admission(config, releaser))
+        self._server = grpc.aio.server(options=_channel_options(config), interceptors=interceptors)
         add_unary_service(self._server, INFERENCE_SERVICE, InferenceServicer(core, metrics))
         self.decoder = ImageDecoder(config)
         add_unary_service(self._server, CLASSIFIER_SERVICE, ClassifierServicer(core, metrics, self.decoder))

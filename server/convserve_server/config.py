@@ -32,7 +32,17 @@ class ServerConfig(BaseSettings):
                                     "arrived an idle instance may wait for a full batch (0: take what is queued at once)")
     max_queue_size: int = Field(1024, ge=1, description="queued requests per model before RESOURCE_EXHAUSTED (a "
                                 "request larger than max_batch_size counts once per chunk)")
-    max_concurrent_rpcs: int = Field(4096, ge=1, description="RPCs in progress before new ones get RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = Field(4096, ge=1, description="model calls in progress (counted once their request "
+                                     "has arrived; health and calls still sending do not count) before new ones get "
+                                     "RESOURCE_EXHAUSTED at once")
+    receive_timeout_s: float = Field(10.0, gt=0, le=3600, description="time a call has, from its headers, to send its "
+                                     "whole request message; past it, DEADLINE_EXCEEDED")
+    max_concurrent_streams: int = Field(256, ge=1, description="HTTP/2 streams (calls) open at once on one connection; "
+                                        "a client queues further calls until one ends")
+    max_watch_streams: int = Field(256, ge=0, description="health Watch streams open at once, in all; beyond, "
+                                   "RESOURCE_EXHAUSTED")
+    max_watch_streams_per_peer: int = Field(16, ge=0, description="health Watch streams open at once from one peer "
+                                            "address")
     model_instances: int = Field(2, ge=1, le=64, description="batches of one model that may compute at once, each "
                                  "on its own worker thread (like Triton's instance count); on the CPU, with "
                                  "intra-op threads 0, each gets an equal share of the physical cores")
@@ -54,10 +64,10 @@ class ServerConfig(BaseSettings):
                                         "added since (0: never)")
     max_connection_age_grace_s: float = Field(5.0, ge=0, description="with max_connection_age_s: time that calls in "
                                               "progress on a connection past its age get to finish")
-    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest gRPC message accepted or sent")
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest gRPC message accepted or sent")
     max_image_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Classify encoded_images: most bytes of one "
                                  "encoded image")
-    max_encoded_request_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Classify encoded_images: most "
+    max_encoded_request_bytes: int = Field(16 * 1024 * 1024, ge=1, description="Classify encoded_images: most "
                                            "encoded bytes of one request, all its images together")
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1, description="Classify encoded_images: most pixels "
                                   "(width × height, read from the file's header before decoding) of one image; "
