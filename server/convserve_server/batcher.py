@@ -262,6 +262,7 @@ class DynamicBatcher:
         Called with the lock held."""
         batch: list[_Pending] = []
         expired: list[_Pending] = []
+        cancelled = False
         rows = 0
         now = time.monotonic()
         queue = self._queue
@@ -270,6 +271,7 @@ class DynamicBatcher:
             self._queued_rows -= len(item.rows)
             # A future read from this thread: at worst a cancellation is seen late and its answer discarded.
             if item.future.done():
+                cancelled = True
                 continue
             if item.deadline is not None and now >= item.deadline:
                 expired.append(item)
@@ -278,6 +280,8 @@ class DynamicBatcher:
             rows += len(item.rows)
         if expired:
             self._post(self._fail, expired, DeadlineExpired("deadline passed while queued"))
+        elif cancelled and not batch:  # nothing else will report the queue's new depth
+            self._post(self._report_depth)
         return batch
 
     def _compute(self, batch: list[_Pending]) -> None:

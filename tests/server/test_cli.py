@@ -13,7 +13,9 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from convserve_bench.processes import ServerProcess, free_port, wait_until_ready, wait_until_serving_metrics
+from convserve_bench.processes import (
+    ServerProcess, free_port, metric_samples, wait_until_ready, wait_until_serving_metrics,
+)
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server.runtime import CUDA
@@ -138,7 +140,9 @@ def test_the_heap_built_at_startup_is_exempt_from_garbage_collection(tiny_repo):
 
 def test_sigterm_with_requests_in_flight_answers_them_and_exits_zero(tiny_repo):
     port = free_port()
+    metrics_port = free_port()
     process = serve("--model-repository", str(tiny_repo), "--host", "127.0.0.1", "--port", str(port),
+                    "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
                     "--device", "cpu", "--max-queue-delay-us", "500000", "--grace-period-s", "10")
     try:
         wait_until_ready(f"127.0.0.1:{port}", process)
@@ -148,7 +152,10 @@ def test_sigterm_with_requests_in_flight_answers_them_and_exits_zero(tiny_repo):
         request.inputs.add(name="image", datatype="FP32", shape=[1, 8, 8, 3])
         request.raw_input_contents.append(np.zeros((1, 8, 8, 3), "<f4").tobytes())
         in_flight = [stub.ModelInfer.future(request, timeout=20) for _ in range(6)]
-        time.sleep(0.2)  # all six are queued behind the 0.5 s queue delay
+        deadline = time.monotonic() + 10
+        while dict(metric_samples("127.0.0.1", metrics_port)).get('convserve_queue_depth{model="tiny"}', 0) < 6:
+            assert time.monotonic() < deadline, "the six requests never all queued"  # behind the 0.5 s queue delay
+            time.sleep(0.01)
         process.send_signal(signal.SIGTERM)
         assert all(len(call.result().outputs) == 1 for call in in_flight)
         assert process.wait(timeout=20) == 0

@@ -273,7 +273,10 @@ async def test_expired_deadline_is_dropped_before_compute(tiny_repo, start_serve
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        await asyncio.sleep(0.7)  # let the queue delay pass: both requests reach the batcher's take
+        deadline = asyncio.get_running_loop().time() + 10
+        while await asyncio.to_thread(metric, server, 'convserve_queue_depth{model="tiny"}') > 0:  # until taken
+            assert asyncio.get_running_loop().time() < deadline, "the queue delay never ended"
+            await asyncio.sleep(0.02)
         assert metric(server, 'convserve_batch_size_count{model="tiny"}') == 0
         assert len((await stub.ModelInfer(infer_request(images(1)))).outputs) == 1
 
