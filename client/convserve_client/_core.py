@@ -273,13 +273,11 @@ class ClassifyJob:
         try:
             response = yield from call(Method.CLASSIFY, request, self.settings)
         except MessageTooLargeError as exc:
-            if len(positions) == 1:
-                raise
-            self._learn_message_limit(exc, request.ByteSize())
-            half = len(positions) // 2
-            first = yield from self.chunk_plan(positions[:half])
-            return first | (yield from self.chunk_plan(positions[half:]))
+            limit = exc.limit - MESSAGE_OVERHEAD_BYTES if exc.limit else request.ByteSize() // 2
+            return (yield from self._split(positions, exc, limit))
         except InvalidArgumentError as exc:
+            if (limit := _wire.model_input_limit(exc.message)) is not None:
+                return (yield from self._split(positions, exc, limit))
             blamed = _wire.bad_encoded_image(exc.message) if positions[0] in self.encoded else None
             if blamed is None or blamed[0] >= len(positions):
                 raise
@@ -293,11 +291,17 @@ class ClassifyJob:
         self.served_versions.add(response.model_version)
         return dict(zip(positions, _wire.parse_classify_response(response, len(positions))))
 
-    def _learn_message_limit(self, error: MessageTooLargeError, sent_bytes: int) -> None:
-        limit = error.limit - MESSAGE_OVERHEAD_BYTES if error.limit else sent_bytes // 2
+    def _split(self, positions: tuple[int, ...], refusal: Exception, limit: int) -> Plan[Outcome]:
+        """Remember the server's ``limit`` on a request's bytes and send ``positions`` again in two halves."""
+        if len(positions) == 1:
+            raise refusal
         limit = max(1, limit)
         self.state.message_limit = limit if self.state.message_limit is None else min(self.state.message_limit, limit)
-        log.info("the server refused a %d-byte request; sending at most %d bytes a request", sent_bytes, limit)
+        log.info("the server refused %d images in one request; sending at most %d bytes a request",
+                 len(positions), limit)
+        half = len(positions) // 2
+        first = yield from self.chunk_plan(positions[:half])
+        return first | (yield from self.chunk_plan(positions[half:]))
 
     def results(self, outcomes: Sequence[Outcome]) -> list[Classification | ImageError]:
         """Every input's result (or its image's error) in input order."""

@@ -85,6 +85,14 @@ def pack_by_size(sizes: Sequence[int], max_items: int, max_total: int) -> list[t
 
 _ENCODED_IMAGE_ERROR = re.compile(r"^encoded_images\[(\d+)\]: (.*)$", re.DOTALL)
 _SHAPE_ERROR_START = "images must have shape"
+_MODEL_INPUT_LIMIT = re.compile(r"over the ([\d,]+) a tensor request may carry")
+
+
+def model_input_limit(message: str) -> int | None:
+    """The bytes of model input a server takes in one request, when its INVALID_ARGUMENT message says
+    that too many encoded images were sent at once."""
+    match = _MODEL_INPUT_LIMIT.search(message)
+    return int(match.group(1).replace(",", "")) if match else None
 
 
 def bad_encoded_image(message: str) -> tuple[int, str] | None:
