@@ -283,7 +283,8 @@ class ClassifyJob:
                 raise
             bad = positions[blamed[0]]
             source = describe_source(self.inputs[bad])
-            error = ImageError(f"{source}: {blamed[1]}", source, bad)
+            reason = blamed[1].removeprefix(f"{describe_source(self.encoded[bad])}: ")  # the server's name for it
+            error = ImageError(f"{source}: {reason}", source, bad)
             if self.options.errors == "raise":
                 raise error from exc
             rest = tuple(position for position in positions if position != bad)
