@@ -1,8 +1,8 @@
 """The clients' logic without their I/O: what to call, when to wait, and what the answers mean.
 
 A *plan* is a generator.  It yields :class:`Rpc` (make this call and send me its response, or the
-``grpc.RpcError`` it raised) and :class:`Pause` (wait this long and send me ``None``), and returns its
-result.  :class:`~convserve_client.Client` carries the steps out with blocking calls and
+``grpc.RpcError`` it raised), :class:`Pause` (wait this long and send me ``None``) and :class:`Parallel`
+(run these plans concurrently and send me each one's result or exception), and returns its result.  :class:`~convserve_client.Client` carries the steps out with blocking calls and
 :class:`~convserve_client.AsyncClient` with awaits; that is all that differs between them.
 
 The retry schedule (:func:`call`) is the SDK's one retry layer: gRPC's own ``retryPolicy`` is not

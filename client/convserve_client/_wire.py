@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from convserve_client.errors import ConvserveError, ImageError
+from convserve_client.errors import ConvserveError
 from convserve_protocol.model_card import ModelCard
 from convserve_client.preprocessing import ImageInput
 from convserve_protocol.preprocessing_spec import PreprocessingSpec
@@ -136,11 +136,6 @@ def parse_model_info(message: classifier_pb2.ModelInfo) -> ModelInfo:
         verification_worst_difference=(message.verification_worst_difference
                                        if message.HasField("verification_worst_difference") else None),
     )
-
-
-def assemble(slots: list[int | ImageError], results: list[Classification]) -> list[Classification | ImageError]:
-    """Results back in input order, with each failed image's error in its place."""
-    return [slot if isinstance(slot, ImageError) else results[slot] for slot in slots]
 
 
 def check_top_k(top_k: int, labels: int) -> None:
