@@ -87,3 +87,18 @@ async def test_a_client_learns_a_servers_smaller_message_limit(tmp_path, start_s
         with pytest.raises(MessageTooLargeError) as caught:  # one image alone over the limit cannot be split
             await asyncio.to_thread(client.classify, noise)
     assert caught.value.limit == 40_000 and len(noise) > 40_000
+
+
+async def test_a_new_version_that_crops_differently_is_followed_on_the_same_call(tmp_path, start_server):
+    repository = tmp_path / "models"
+    write_version(repository, "tiny", 1)  # 8×8, center_to_aspect_ratio
+    server = await start_server(repository)
+    pictures = photos(3, seed=3)  # 24×36: the two crops keep different pixels
+    with Client(f"127.0.0.1:{server.port}") as client:
+        await asyncio.to_thread(client.classify, pictures)
+        swapped = write_version(repository, "tiny", 2, crop="center", seed=7)  # same input size
+        await server.core.refresh()
+        results = await asyncio.to_thread(client.classify, pictures, include_probabilities=True)
+    session = ort.InferenceSession(str(swapped), providers=["CPUExecutionProvider"])
+    batch = np.stack([preprocess(p, PreprocessingSpec(8, 8, crop="center")) for p in pictures])
+    np.testing.assert_allclose(probabilities(results), session.run(None, {"image": batch})[0], rtol=1e-5, atol=1e-6)
