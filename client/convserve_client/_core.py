@@ -124,15 +124,18 @@ def call(method: Method, request: Any, settings: Settings, clock: Callable[[], f
     """One unary call within ``settings.timeout`` s, retried on UNAVAILABLE and RESOURCE_EXHAUSTED."""
     deadline = clock() + settings.timeout
     attempt = 0
+    last_error = ""
     while True:
         attempt += 1
         remaining = deadline - clock()
         if remaining <= 0:
-            raise DeadlineExceededError(f"no answer within {settings.timeout:g} s", grpc.StatusCode.DEADLINE_EXCEEDED)
+            raise DeadlineExceededError(f"no answer within {settings.timeout:g} s{last_error}",
+                                        grpc.StatusCode.DEADLINE_EXCEEDED)
         reply = yield Rpc(method, request, remaining)
         if not isinstance(reply, grpc.RpcError):
             return reply
         error = from_rpc_error(reply)
+        last_error = f"; last error: {error}"
         if not is_retryable(error) or attempt >= settings.retry.max_attempts:
             raise error from reply
         yield Pause(min(settings.retry.backoff(attempt), max(0.0, deadline - clock())))
