@@ -230,11 +230,7 @@ class ClassifyJob:
         if self.settings.preprocess == "server" and (data := _inputs.encoded(image, max_bytes)) is not None:
             self.encoded[index] = data
             return
-        source = _inputs.loaded(image, max_bytes)
-        try:
-            self.rows[index] = preprocess(source, self.info.preprocessing)
-        except ImageError as exc:
-            raise _inputs.renamed(exc, image, source, index) from exc
+        self.rows[index] = preprocess(image, self.info.preprocessing, max_bytes=max_bytes)
 
     @property
     def first_error(self) -> ImageError | None:

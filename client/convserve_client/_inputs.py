@@ -10,7 +10,8 @@ import numpy as np
 from PIL import Image
 
 from convserve_client.errors import ImageError
-from convserve_client.preprocessing import ImageInput, describe_source
+from convserve_protocol import preprocessing as _shared
+from convserve_protocol.preprocessing import ImageInput, describe_source
 
 DEFAULT_MAX_IMAGE_BYTES = 16 * 1024 * 1024
 """Most bytes read from one image file (and, preprocessed by the server, sent for one image): the server's
@@ -51,7 +52,7 @@ def loaded(image: ImageInput, max_bytes: int) -> ImageInput:
     return image
 
 
-def renamed(error: ImageError, image: ImageInput, loaded_image: ImageInput, index: int) -> ImageError:
+def renamed(error: _shared.ImageError, image: ImageInput, loaded_image: ImageInput, index: int | None) -> ImageError:
     """``error`` (about ``loaded_image``) naming the caller's ``image`` and its ``index`` instead."""
     source, loaded_source = describe_source(image), describe_source(loaded_image)
     return ImageError(error.message.replace(loaded_source, source, 1), source, index)

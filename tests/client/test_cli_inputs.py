@@ -13,6 +13,7 @@ from PIL import Image
 from convserve_bench.processes import free_port
 from convserve_client import Client, ImageError
 from convserve_client.cli import main as classify_main
+from convserve_client.preprocessing import PreprocessingSpec, load_image, preprocess, preprocess_batch
 
 
 def save_photo(path, seed: int) -> str:
@@ -36,6 +37,25 @@ async def test_a_fifo_and_a_device_are_refused_at_once_and_the_rest_classified(t
     assert code == 1 and classified(out) == [good]
     assert err.strip().splitlines() == [f"convserve-classify: {fifo}: not a regular file",
                                         "convserve-classify: /dev/zero: not a regular file"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="needs a FIFO and /dev/zero")
+def test_loading_from_a_path_refuses_a_fifo_a_device_and_a_file_over_the_limit(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    good = save_photo(tmp_path / "good.png", 3)
+    spec = PreprocessingSpec(8, 8)
+    with pytest.raises(ImageError, match=f"^{fifo}: not a regular file$"):
+        preprocess(fifo, spec)
+    with pytest.raises(ImageError, match="^/dev/zero: not a regular file$"):
+        load_image("/dev/zero")
+    with pytest.raises(ImageError) as caught:
+        preprocess_batch([good, "/dev/zero"], spec)
+    assert (caught.value.index, caught.value.source) == (1, "/dev/zero")
+    size = os.path.getsize(good)
+    with pytest.raises(ImageError, match=f"^{good}: over the limit of {size - 1:,} bytes per image$"):
+        preprocess(good, spec, max_bytes=size - 1)
+    assert preprocess(good, spec, max_bytes=size).shape == (8, 8, 3)
 
 
 async def test_a_path_is_read_only_up_to_the_image_byte_limit(tiny_server, tmp_path):
