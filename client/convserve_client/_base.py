@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import grpc
 
 from convserve_client import _core, _wire
+from convserve_client._inputs import DEFAULT_MAX_IMAGE_BYTES
+from convserve_client.errors import ImageError
+from convserve_client.preprocessing import ImageInput
 from convserve_client.targets import channel_target
-from convserve_client.types import ModelInfo, RetryPolicy
+from convserve_client.types import Classification, RetryPolicy
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -32,30 +35,40 @@ class BaseClient:
         retry: RetryPolicy = RetryPolicy(),
         max_in_flight: int = 4,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        preprocess: Literal["client", "server"] = "client",
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be an integer >= 1")
+        if preprocess not in ("client", "server"):
+            raise ValueError(f'preprocess must be "client" or "server", got {preprocess!r}')
         target = channel_target(address, channel_options)
         if credentials is None:
             self._channel = self._grpc.insecure_channel(target.target, options=list(target.options))
         else:
             self._channel = self._grpc.secure_channel(target.target, credentials, options=list(target.options))
         self._stubs = _core.stubs(self._channel)
-        self._settings = _core.Settings(model_name, model_version, timeout, retry, max_request_bytes)
+        self._settings = _core.Settings(model_name, model_version, timeout, retry, max_request_bytes,
+                                        max_image_bytes, preprocess)
         self._metadata = _wire.auth_metadata(token)
         self._max_in_flight = max_in_flight
         # With several replicas a call waits (within its deadline) for one to be ready rather than failing
         # at once while none is: during a rollout, the replicas it knows may all be draining before the
         # name resolves to the new ones.
         self._wait_for_ready = True if target.replicas else None
-        self._info: ModelInfo | None = None
+        self._state = _core.State()
         self._start_workers()
 
     def _start_workers(self) -> None:
         """Set up what runs a classify call's requests concurrently (a client with threads needs a pool)."""
+
+    def _classify_plan(self, images: ImageInput | Sequence[ImageInput], top_k: int, include_probabilities: bool,
+                       errors: Literal["raise", "return"]) -> _core.Plan[list[Classification | ImageError]]:
+        return _core.classify(images, self._settings, self._state,
+                              _core.ClassifyOptions(top_k, include_probabilities, errors))
 
     def _invoke(self, rpc: _core.Rpc) -> Any:
         """Start one call: its response (or, for ``grpc.aio``, an awaitable of it)."""

@@ -1,8 +1,8 @@
 """The clients' logic without their I/O: what to call, when to wait, and what the answers mean.
 
 A *plan* is a generator.  It yields :class:`Rpc` (make this call and send me its response, or the
-``grpc.RpcError`` it raised) and :class:`Pause` (wait this long and send me ``None``), and returns its
-result.  :class:`~convserve_client.Client` carries the steps out with blocking calls and
+``grpc.RpcError`` it raised), :class:`Pause` (wait this long and send me ``None``) and :class:`Parallel`
+(run these plans concurrently and send me each one's result or exception), and returns its result.  :class:`~convserve_client.Client` carries the steps out with blocking calls and
 :class:`~convserve_client.AsyncClient` with awaits; that is all that differs between them.
 
 The retry schedule (:func:`call`) is the SDK's one retry layer: gRPC's own ``retryPolicy`` is not
@@ -14,19 +14,35 @@ among those it picks from.
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Generic, Literal, NamedTuple, Sequence, TypeVar
+from typing import Any, Callable, Generator, Generic, Literal, NamedTuple, Sequence, TypeVar, Union
 
 import grpc
+import numpy as np
 
-from convserve_client import _wire
-from convserve_client.errors import RETRYABLE_CODES, DeadlineExceededError, ImageError, from_rpc_error
-from convserve_client.preprocessing import ImageInput, PreprocessedImages, preprocess_images
+from convserve_client import _inputs, _wire
+from convserve_client.errors import (
+    RETRYABLE_CODES,
+    DeadlineExceededError,
+    ImageError,
+    InvalidArgumentError,
+    MessageTooLargeError,
+    from_rpc_error,
+    is_retryable,
+)
+from convserve_client.preprocessing import ImageInput, describe_source, preprocess
 from convserve_protocol.protos import classifier_pb2, classifier_pb2_grpc, grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from convserve_client.types import Classification, ModelInfo, RetryPolicy
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+MAX_ENCODED_REQUEST_BYTES = 32 * 1024 * 1024
+"""Most encoded bytes in one request: the server's default ``--max-encoded-request-bytes``."""
+MESSAGE_OVERHEAD_BYTES = 1024
+"""Room left for a request's other fields under a server's message limit."""
 
 READY_POLL_S = 0.05
 """Gap between two readiness questions while waiting for a server."""
@@ -56,7 +72,7 @@ class Pause(NamedTuple):
     seconds: float
 
 
-Step = Rpc | Pause
+Step = Union[Rpc, Pause, "Parallel"]
 Plan = Generator[Step, Any, T]
 
 
@@ -100,22 +116,27 @@ class Settings:
     timeout: float
     retry: RetryPolicy
     max_request_bytes: int
+    max_image_bytes: int = _inputs.DEFAULT_MAX_IMAGE_BYTES
+    preprocess: Literal["client", "server"] = "client"
 
 
 def call(method: Method, request: Any, settings: Settings, clock: Callable[[], float] = time.monotonic) -> Plan[Any]:
     """One unary call within ``settings.timeout`` s, retried on UNAVAILABLE and RESOURCE_EXHAUSTED."""
     deadline = clock() + settings.timeout
     attempt = 0
+    last_error = ""
     while True:
         attempt += 1
         remaining = deadline - clock()
         if remaining <= 0:
-            raise DeadlineExceededError(f"no answer within {settings.timeout:g} s", grpc.StatusCode.DEADLINE_EXCEEDED)
+            raise DeadlineExceededError(f"no answer within {settings.timeout:g} s{last_error}",
+                                        grpc.StatusCode.DEADLINE_EXCEEDED)
         reply = yield Rpc(method, request, remaining)
         if not isinstance(reply, grpc.RpcError):
             return reply
         error = from_rpc_error(reply)
-        if error.code not in RETRYABLE_CODES or attempt >= settings.retry.max_attempts:
+        last_error = f"; last error: {error}"
+        if not is_retryable(error) or attempt >= settings.retry.max_attempts:
             raise error from reply
         yield Pause(min(settings.retry.backoff(attempt), max(0.0, deadline - clock())))
 
@@ -140,50 +161,187 @@ def wait_until_ready(settings: Settings, timeout: float, clock: Callable[[], flo
     raise DeadlineExceededError(f"server not ready after {timeout:g} s: {last_error}")
 
 
-def model_info(settings: Settings) -> Plan[ModelInfo]:
-    """The served model's description."""
-    request = classifier_pb2.GetModelInfoRequest(model_name=settings.model_name, model_version=settings.model_version)
-    return _wire.parse_model_info((yield from call(Method.MODEL_INFO, request, settings)))
+@dataclass
+class State:
+    """What a client learns from its server and keeps between calls."""
+
+    info: ModelInfo | None = None
+    """The served model's description, refreshed when the served version changes."""
+    message_limit: int | None = None
+    """Most bytes a request may have, once a server has refused a larger one."""
+
+
+def model_info(settings: Settings, state: State, refresh: bool = False) -> Plan[ModelInfo]:
+    """The served model's description: asked of the server the first time, when ``refresh``, else remembered."""
+    if state.info is None or refresh:
+        request = classifier_pb2.GetModelInfoRequest(model_name=settings.model_name,
+                                                     model_version=settings.model_version)
+        state.info = _wire.parse_model_info((yield from call(Method.MODEL_INFO, request, settings)))
+    return state.info
+
+
+class Parallel(NamedTuple):
+    """Step: run these plans concurrently; the plan is sent each one's result, or the exception it raised."""
+
+    plans: list[Plan[Any]]
 
 
 @dataclass(frozen=True)
+class ClassifyOptions:
+    """What one classify call asked for."""
+
+    top_k: int
+    include_probabilities: bool
+    errors: Literal["raise", "return"]
+
+
+Outcome = dict[int, Classification | ImageError]
+"""A request's results by the position of each of its images among the call's inputs."""
+
+
 class ClassifyJob:
-    """A classify call cut into requests of at most the server's batch size, and how to put the answers together."""
+    """A classify call's inputs made ready to send, cut into requests within the server's limits, and
+    the plans that send them.
 
-    prepared: PreprocessedImages
-    requests: tuple[classifier_pb2.ClassifyRequest, ...]
-    settings: Settings
+    Each input is a tensor row (preprocessed here), encoded bytes (preprocessed by the server, with
+    ``Settings.preprocess == "server"``; arrays are always sent as rows) or its :class:`ImageError`.
+    """
 
-    def chunk_plans(self) -> list[Plan[list[Classification]]]:
-        """One plan per request; each returns that request's results."""
-        return [self._chunk_plan(request) for request in self.requests]
+    def __init__(self, info: ModelInfo, inputs: Sequence[ImageInput], settings: Settings, state: State,
+                 options: ClassifyOptions) -> None:
+        self.info, self.settings, self.state, self.options = info, settings, state, options
+        self.inputs = inputs
+        self.rows: dict[int, np.ndarray] = {}
+        self.encoded: dict[int, bytes] = {}
+        self.errors: dict[int, ImageError] = {}
+        self.served_versions: set[str] = set()
+        """The versions that answered, to notice a hot swap."""
+        for index, image in enumerate(inputs):
+            try:
+                self._prepare(index, image)
+            except ImageError as exc:
+                exc.index = index
+                self.errors[index] = exc
+            except Exception as exc:  # a decoder's own bug must still be that image's error alone
+                self.errors[index] = ImageError(f"{describe_source(image)}: {exc}", describe_source(image), index)
 
-    def _chunk_plan(self, request: classifier_pb2.ClassifyRequest) -> Plan[list[Classification]]:
-        response = yield from call(Method.CLASSIFY, request, self.settings)
-        return _wire.parse_classify_response(response, request.shape[0])
+    def _prepare(self, index: int, image: ImageInput) -> None:
+        max_bytes = self.settings.max_image_bytes
+        if self.settings.preprocess == "server" and (data := _inputs.encoded(image, max_bytes)) is not None:
+            self.encoded[index] = data
+            return
+        self.rows[index] = preprocess(image, self.info.preprocessing, max_bytes=max_bytes)
 
-    def results(self, chunks: Sequence[list[Classification]]) -> list[Classification | ImageError]:
-        """Every input's result (or its image's error) in input order, from the chunk plans' results."""
-        return _wire.assemble(self.prepared.slots, [row for chunk in chunks for row in chunk])
+    @property
+    def first_error(self) -> ImageError | None:
+        """The error of the first input that could not be prepared, if any."""
+        return self.errors[min(self.errors)] if self.errors else None
+
+    def _message_limit(self, default: int) -> int:
+        learned = self.state.message_limit
+        return default if learned is None else min(default, learned)
+
+    def chunks(self) -> list[tuple[int, ...]]:
+        """The inputs' positions, grouped one request each."""
+        rows_limit = _wire.rows_per_request(self.info, self._message_limit(self.settings.max_request_bytes))
+        row_positions = sorted(self.rows)
+        chunks = [tuple(row_positions[start:stop]) for start, stop in _wire.chunk_bounds(len(row_positions), rows_limit)]
+        encoded_positions = sorted(self.encoded)
+        sizes = [len(self.encoded[position]) for position in encoded_positions]
+        encoded_total = self._message_limit(MAX_ENCODED_REQUEST_BYTES)
+        chunks += [tuple(encoded_positions[start:stop])
+                   for start, stop in _wire.pack_by_size(sizes, rows_limit, encoded_total)]
+        return chunks
+
+    def request(self, positions: Sequence[int]) -> classifier_pb2.ClassifyRequest:
+        """The request for the inputs at ``positions`` (all rows, or all encoded)."""
+        options, name, version = self.options, self.info.name, self.settings.model_version
+        if positions[0] in self.encoded:
+            return _wire.encoded_classify_request([self.encoded[p] for p in positions], name, version,
+                                                  options.top_k, options.include_probabilities)
+        return _wire.classify_request(np.stack([self.rows[p] for p in positions]), name, version,
+                                      options.top_k, options.include_probabilities)
+
+    def chunk_plan(self, positions: tuple[int, ...]) -> Plan[Outcome]:
+        """Send one request and return its results.
+
+        A message over the server's limit teaches the client that limit and is sent again in two halves;
+        an encoded image the server cannot decode becomes that input's error and the rest are sent again.
+        """
+        request = self.request(positions)
+        try:
+            response = yield from call(Method.CLASSIFY, request, self.settings)
+        except MessageTooLargeError as exc:
+            limit = exc.limit - MESSAGE_OVERHEAD_BYTES if exc.limit else request.ByteSize() // 2
+            return (yield from self._split(positions, exc, limit))
+        except InvalidArgumentError as exc:
+            if (limit := _wire.model_input_limit(exc.message)) is not None:
+                return (yield from self._split(positions, exc, limit))
+            blamed = _wire.bad_encoded_image(exc.message) if positions[0] in self.encoded else None
+            if blamed is None or blamed[0] >= len(positions):
+                raise
+            bad = positions[blamed[0]]
+            source = describe_source(self.inputs[bad])
+            reason = blamed[1].removeprefix(f"{describe_source(self.encoded[bad])}: ")  # the server's name for it
+            error = ImageError(f"{source}: {reason}", source, bad)
+            if self.options.errors == "raise":
+                raise error from exc
+            rest = tuple(position for position in positions if position != bad)
+            return {bad: error} | ((yield from self.chunk_plan(rest)) if rest else {})
+        self.served_versions.add(response.model_version)
+        return dict(zip(positions, _wire.parse_classify_response(response, len(positions))))
+
+    def _split(self, positions: tuple[int, ...], refusal: Exception, limit: int) -> Plan[Outcome]:
+        """Remember the server's ``limit`` on a request's bytes and send ``positions`` again in two halves."""
+        if len(positions) == 1:
+            raise refusal
+        limit = max(1, limit)
+        self.state.message_limit = limit if self.state.message_limit is None else min(self.state.message_limit, limit)
+        log.info("the server refused %d images in one request; sending at most %d bytes a request",
+                 len(positions), limit)
+        half = len(positions) // 2
+        first = yield from self.chunk_plan(positions[:half])
+        return first | (yield from self.chunk_plan(positions[half:]))
+
+    def results(self, outcomes: Sequence[Outcome]) -> list[Classification | ImageError]:
+        """Every input's result (or its image's error) in input order."""
+        merged: Outcome = dict(self.errors)
+        for outcome in outcomes:
+            merged |= outcome
+        return [merged[index] for index in range(len(self.inputs))]
+
+    def needs_new_info(self) -> bool:
+        """Whether a version other than the one described answered: the model was swapped under the client."""
+        return not self.settings.model_version and bool(self.served_versions - {self.info.version})
 
 
-def classify_job(
-    info: ModelInfo,
-    images: ImageInput | Sequence[ImageInput],
-    settings: Settings,
-    top_k: int,
-    include_probabilities: bool,
-    errors: Literal["raise", "return"],
-) -> ClassifyJob:
-    """Preprocess ``images`` and cut them into requests; raises the first bad image's error if ``errors="raise"``."""
-    _wire.check_top_k(top_k, len(info.labels))
-    prepared = preprocess_images(_wire.as_image_list(images), info.preprocessing)
-    if prepared.first_error is not None and errors == "raise":
-        raise prepared.first_error
-    bounds = _wire.chunk_bounds(len(prepared.batch), _wire.rows_per_request(info, settings.max_request_bytes))
-    requests = tuple(
-        _wire.classify_request(prepared.batch[start:stop], info.name, settings.model_version, top_k,
-                               include_probabilities)
-        for start, stop in bounds
-    )
-    return ClassifyJob(prepared, requests, settings)
+def classify(images: ImageInput | Sequence[ImageInput], settings: Settings, state: State,
+             options: ClassifyOptions) -> Plan[list[Classification | ImageError]]:
+    """Classify ``images``, following a hot swap of the served model.
+
+    The model's description is remembered between calls.  When the server says the images have the
+    wrong shape (another input size is served now), the description is fetched again and the call
+    made once more; when another version answered, the description is refreshed for the next calls,
+    and this call is made again if the new version preprocesses differently.
+    """
+    inputs = _wire.as_image_list(images)
+    info = yield from model_info(settings, state)
+    _wire.check_top_k(options.top_k, len(info.labels))
+    for attempt in (1, 2):
+        job = ClassifyJob(info, inputs, settings, state, options)
+        if job.first_error is not None and options.errors == "raise":
+            raise job.first_error
+        outcomes = yield Parallel([job.chunk_plan(chunk) for chunk in job.chunks()])
+        failure = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
+        wrong_shape = isinstance(failure, InvalidArgumentError) and _wire.is_wrong_shape(failure.message)
+        if failure is not None and not (wrong_shape and attempt == 1):
+            raise failure
+        if failure is None and not job.needs_new_info():
+            return job.results(outcomes)
+        log.info("the served model changed; asking for its description again")
+        old_spec = info.preprocessing
+        info = yield from model_info(settings, state, refresh=True)
+        _wire.check_top_k(options.top_k, len(info.labels))
+        if failure is None and (info.preprocessing == old_spec or not job.rows):
+            return job.results(outcomes)
+    raise AssertionError("unreachable: the second attempt returns or raises")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from convserve_client.errors import ConvserveError, ImageError
+from convserve_client.errors import ConvserveError
 from convserve_protocol.model_card import ModelCard
 from convserve_client.preprocessing import ImageInput
 from convserve_protocol.preprocessing_spec import PreprocessingSpec
@@ -54,6 +55,57 @@ def classify_request(
     )
 
 
+def encoded_classify_request(
+    encoded: Sequence[bytes], model_name: str, model_version: str, top_k: int, include_probabilities: bool
+) -> classifier_pb2.ClassifyRequest:
+    """A ClassifyRequest carrying encoded image files for the server to decode and preprocess."""
+    return classifier_pb2.ClassifyRequest(
+        model_name=model_name,
+        model_version=model_version,
+        encoded_images=list(encoded),
+        top_k=top_k,
+        include_probabilities=include_probabilities,
+    )
+
+
+def pack_by_size(sizes: Sequence[int], max_items: int, max_total: int) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) ranges of at most ``max_items`` items and ``max_total`` summed size
+    (an item bigger than ``max_total`` alone in its range)."""
+    bounds: list[tuple[int, int]] = []
+    start, total = 0, 0
+    for index, size in enumerate(sizes):
+        if index > start and (index - start >= max_items or total + size > max_total):
+            bounds.append((start, index))
+            start, total = index, 0
+        total += size
+    if start < len(sizes):
+        bounds.append((start, len(sizes)))
+    return bounds
+
+
+_ENCODED_IMAGE_ERROR = re.compile(r"^encoded_images\[(\d+)\]: (.*)$", re.DOTALL)
+_SHAPE_ERROR_START = "images must have shape"
+_MODEL_INPUT_LIMIT = re.compile(r"over the ([\d,]+) a tensor request may carry")
+
+
+def model_input_limit(message: str) -> int | None:
+    """The bytes of model input a server takes in one request, when its INVALID_ARGUMENT message says
+    that too many encoded images were sent at once."""
+    match = _MODEL_INPUT_LIMIT.search(message)
+    return int(match.group(1).replace(",", "")) if match else None
+
+
+def bad_encoded_image(message: str) -> tuple[int, str] | None:
+    """The position and reason of the encoded image a server's INVALID_ARGUMENT message blames, if it blames one."""
+    match = _ENCODED_IMAGE_ERROR.match(message)
+    return (int(match.group(1)), match.group(2)) if match else None
+
+
+def is_wrong_shape(message: str) -> bool:
+    """Whether a server's INVALID_ARGUMENT message says the images' shape is not the model's input shape."""
+    return message.startswith(_SHAPE_ERROR_START)
+
+
 def parse_classify_response(response: classifier_pb2.ClassifyResponse, expected: int) -> list[Classification]:
     """The typed results of one response; checks it answers every image sent."""
     if len(response.results) != expected:
@@ -84,11 +136,6 @@ def parse_model_info(message: classifier_pb2.ModelInfo) -> ModelInfo:
         verification_worst_difference=(message.verification_worst_difference
                                        if message.HasField("verification_worst_difference") else None),
     )
-
-
-def assemble(slots: list[int | ImageError], results: list[Classification]) -> list[Classification | ImageError]:
-    """Results back in input order, with each failed image's error in its place."""
-    return [slot if isinstance(slot, ImageError) else results[slot] for slot in slots]
 
 
 def check_top_k(top_k: int, labels: int) -> None:

@@ -37,33 +37,35 @@ class AsyncClient(BaseClient):
         await self._run(_core.wait_until_ready(self._settings, timeout))
 
     async def model_info(self, refresh: bool = False) -> ModelInfo:
-        """The served model's labels, input size and preprocessing spec (cached)."""
-        if self._info is None or refresh:
-            self._info = await self._run(_core.model_info(self._settings))
-        return self._info
+        """The served model's labels, input size and preprocessing spec (remembered; see :meth:`classify`)."""
+        return await self._run(_core.model_info(self._settings, self._state, refresh))
 
     async def classify(self, images: ImageInput | Sequence[ImageInput], *, top_k: int = 1,
                        include_probabilities: bool = False,
                        errors: Literal["raise", "return"] = "raise") -> list[Classification | ImageError]:
         """Classify images of any supported kind; see :meth:`convserve_client.Client.classify`."""
-        info = await self.model_info()
-        job = _core.classify_job(info, images, self._settings, top_k, include_probabilities, errors)
-        in_flight = asyncio.Semaphore(self._max_in_flight)
-
-        async def run_chunk(plan: _core.Plan[list[Classification]]) -> list[Classification]:
-            async with in_flight:
-                return await self._run(plan)
-
-        return job.results(await asyncio.gather(*(run_chunk(plan) for plan in job.chunk_plans())))
+        return await self._run(self._classify_plan(images, top_k, include_probabilities, errors))
 
     async def _run(self, plan: _core.Plan[T]) -> T:
         run = _core.PlanRun(plan)
         for step in run:
-            run.reply = await (asyncio.sleep(step.seconds) if isinstance(step, _core.Pause) else self._awaited_call(step))
+            run.reply = await self._step(step)
         return run.result
 
-    async def _awaited_call(self, rpc: _core.Rpc) -> Any:
+    async def _step(self, step: _core.Step) -> Any:
+        if isinstance(step, _core.Pause):
+            return await asyncio.sleep(step.seconds)
+        if isinstance(step, _core.Parallel):
+            in_flight = asyncio.Semaphore(self._max_in_flight)
+            return await asyncio.gather(*(self._outcome(plan, in_flight) for plan in step.plans))
         try:
-            return await self._invoke(rpc)
+            return await self._invoke(step)
         except grpc.RpcError as exc:
             return exc
+
+    async def _outcome(self, plan: _core.Plan[T], in_flight: asyncio.Semaphore) -> T | Exception:
+        async with in_flight:
+            try:
+                return await self._run(plan)
+            except Exception as exc:  # handed to the plan that started it, which decides
+                return exc

@@ -1,8 +1,11 @@
 """``convserve-classify``: classify image files from the shell.
 
-Prints one line per image (or one JSON document with ``--json``).  An image
-that cannot be read is reported on stderr and the rest are still classified;
-the exit status is 1 if any image failed, 2 for a bad command line.
+Prints one line per image (or one JSON document with ``--json``).  A folder
+stands for the image files in it (by extension; ``--recursive`` for its
+subfolders too).  An image that cannot be read (a damaged file, a FIFO, a
+device) is reported on stderr and the rest are still classified; the exit
+status is 1 if any image failed or the server cannot be reached, 2 for a bad
+command line.
 """
 
 from __future__ import annotations
@@ -21,12 +24,21 @@ from convserve_client.errors import ConvserveError, ImageError
 from convserve_client.types import Classification
 
 _PROG = "convserve-classify"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+                            ".pbm", ".pnm", ".ico"})
+"""The file name extensions a folder's images are found by; other files in a folder are skipped."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's arguments."""
     parser = argparse.ArgumentParser(prog=_PROG, description="Classify images with a convserve server.")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    parser.add_argument("images", nargs="+", metavar="IMAGE",
+                        help="image files (JPEG, PNG, ...) or folders of them")
+    parser.add_argument("--recursive", action="store_true", help="classify the images in a folder's subfolders too")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="wait up to SECONDS for the server to be ready before sending (default: do not wait)")
+    parser.add_argument("--server-preprocess", action="store_true",
+                        help="send the files as they are and let the server decode and preprocess them")
     parser.add_argument("--server", default="localhost:8500",
                         help="server address HOST:PORT; several replicas as HOST:PORT,HOST:PORT or dns:///NAME:PORT "
                         "(balanced round-robin over the ready ones) (default %(default)s)")
@@ -67,23 +79,53 @@ def _as_line(path: str, result: Classification) -> str:
     return f"{path}\t" + "\t".join(f"{p.label} {p.score:.4f}" for p in result.top_k)
 
 
+def image_paths(arguments: Sequence[str], recursive: bool) -> list[str]:
+    """The files named, with each folder replaced by its image files (sorted; subfolders too if ``recursive``)."""
+    paths: list[str] = []
+    for argument in arguments:
+        folder = Path(argument)
+        if not folder.is_dir():
+            paths.append(argument)
+            continue
+        found = folder.rglob("*") if recursive else folder.iterdir()
+        paths += sorted(str(path) for path in found if path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir())
+    return paths
+
+
+def _classify(args: argparse.Namespace, paths: list[str]) -> list[Classification | ImageError]:
+    with Client(
+        args.server, model_name=args.model, model_version=args.model_version, timeout=args.timeout,
+        credentials=_credentials(args), token=args.token,
+        preprocess="server" if args.server_preprocess else "client",
+    ) as client:
+        if args.wait > 0:
+            client.wait_until_ready(args.wait)
+        return client.classify(paths, top_k=args.top_k, errors="return")
+
+
+def _one_line(error: Exception, server: str) -> str:
+    if "failed to connect" in str(error).lower():  # refused, or never answered within --wait
+        return f"cannot reach the server at {server} (is it running?)"
+    return " ".join(str(error).split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.top_k < 1:
         print(f"{_PROG}: error: --top-k must be >= 1", file=sys.stderr)
         return 2
+    paths = image_paths(args.images, args.recursive)
+    if not paths:
+        print(f"{_PROG}: error: no image files in {' '.join(args.images)}", file=sys.stderr)
+        return 1
     try:
-        with Client(
-            args.server, model_name=args.model, model_version=args.model_version, timeout=args.timeout,
-            credentials=_credentials(args), token=args.token,
-        ) as client:
-            results = client.classify(args.images, top_k=args.top_k, errors="return")
+        results = _classify(args, paths)
     except (ConvserveError, ValueError, OSError) as exc:
-        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        print(f"{_PROG}: error: {_one_line(exc, args.server)}", file=sys.stderr)
         return 1
     failed = 0
-    for path, result in zip(args.images, results):
+    for path, result in zip(paths, results):
         if isinstance(result, ImageError):
             failed += 1
             if not args.json:
@@ -91,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif not args.json:
             print(_as_line(path, result))
     if args.json:
-        print(json.dumps([_as_json(path, result) for path, result in zip(args.images, results)], indent=2))
+        print(json.dumps([_as_json(path, result) for path, result in zip(paths, results)], indent=2))
     return 1 if failed else 0
 
 

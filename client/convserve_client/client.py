@@ -50,10 +50,8 @@ class Client(BaseClient):
         self._run(_core.wait_until_ready(self._settings, timeout))
 
     def model_info(self, refresh: bool = False) -> ModelInfo:
-        """The served model's labels, input size and preprocessing spec (cached)."""
-        if self._info is None or refresh:
-            self._info = self._run(_core.model_info(self._settings))
-        return self._info
+        """The served model's labels, input size and preprocessing spec (remembered; see :meth:`classify`)."""
+        return self._run(_core.model_info(self._settings, self._state, refresh))
 
     def classify(self, images: ImageInput | Sequence[ImageInput], *, top_k: int = 1,
                  include_probabilities: bool = False,
@@ -61,14 +59,12 @@ class Client(BaseClient):
         """Classify images of any supported kind; results come back in input order.
 
         A single image (not in a list) is accepted too.  With ``errors="raise"``
-        the first undecodable image raises :class:`ImageError` before anything is
-        sent; with ``"return"`` its slot holds the error and the rest are classified.
+        the first unreadable or undecodable image raises :class:`ImageError`;
+        with ``"return"`` its slot holds the error and the rest are classified.
+        When the server's model is swapped for one with another input size, the
+        client asks for the new model's description and sends the images again.
         """
-        job = _core.classify_job(self.model_info(), images, self._settings, top_k, include_probabilities, errors)
-        plans = job.chunk_plans()
-        if len(plans) == 1:  # in the caller's thread: threads sharing a client do not queue for its pool
-            return job.results([self._run(plans[0])])
-        return job.results(list(self._pool.map(self._run, plans)))
+        return self._run(self._classify_plan(images, top_k, include_probabilities, errors))
 
     def _start_workers(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=self._max_in_flight, thread_name_prefix="convserve-client")
@@ -76,11 +72,23 @@ class Client(BaseClient):
     def _run(self, plan: _core.Plan[T]) -> T:
         run = _core.PlanRun(plan)
         for step in run:
-            run.reply = time.sleep(step.seconds) if isinstance(step, _core.Pause) else self._blocking_call(step)
+            run.reply = self._step(step)
         return run.result
 
-    def _blocking_call(self, rpc: _core.Rpc) -> Any:
+    def _step(self, step: _core.Step) -> Any:
+        if isinstance(step, _core.Pause):
+            return time.sleep(step.seconds)
+        if isinstance(step, _core.Parallel):
+            if len(step.plans) == 1:  # in the caller's thread: threads sharing a client do not queue for its pool
+                return [self._outcome(step.plans[0])]
+            return list(self._pool.map(self._outcome, step.plans))
         try:
-            return self._invoke(rpc)
+            return self._invoke(step)
         except grpc.RpcError as exc:
+            return exc
+
+    def _outcome(self, plan: _core.Plan[T]) -> T | Exception:
+        try:
+            return self._run(plan)
+        except Exception as exc:  # handed to the plan that started it, which decides
             return exc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 from convserve_protocol import preprocessing as _preprocessing
@@ -33,6 +35,16 @@ class UnavailableError(ConvserveError):
 
 class OverloadedError(ConvserveError):
     """The server's queue is full (RESOURCE_EXHAUSTED); retried before it is raised."""
+
+
+class MessageTooLargeError(ConvserveError):
+    """A message was larger than gRPC allows (RESOURCE_EXHAUSTED "larger than max"); not retried as it is."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message, code)
+        match = _LARGER_THAN_MAX.search(message)
+        self.limit: int | None = int(match.group(2)) if match else None
+        """The largest message the refusing side accepts, when its message says so."""
 
 
 class DeadlineExceededError(ConvserveError):
@@ -69,9 +81,20 @@ RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOUR
 """Status codes worth another try: the request itself was fine."""
 
 
+_LARGER_THAN_MAX = re.compile(r"larger than max \((\d+) vs\. (\d+)\)")
+"""gRPC's words for a message over the limit: ``Received message larger than max (SIZE vs. LIMIT)``."""
+
+
 def from_rpc_error(error: grpc.RpcError) -> ConvserveError:
     """Translate a ``grpc.RpcError`` into the matching :class:`ConvserveError`."""
     code = error.code() if hasattr(error, "code") else None
     details = (error.details() if hasattr(error, "details") else None) or str(error)
     cls = _BY_CODE.get(code, ServerError) if code is not None else ServerError
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        cls = MessageTooLargeError
     return cls(details, code)
+
+
+def is_retryable(error: ConvserveError) -> bool:
+    """Whether the same request is worth another try: the server was down or busy, the request was fine."""
+    return error.code in RETRYABLE_CODES and not isinstance(error, MessageTooLargeError)

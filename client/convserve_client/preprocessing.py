@@ -2,20 +2,21 @@
 
 Training and the SDK call :func:`preprocess` from here, and the server applies the
 same module to encoded images, so a model sees exactly the pixels it was trained
-on whoever decodes the image.  This module only re-exports it and turns its
-errors into the SDK's :class:`~convserve_client.errors.ImageError` (a
+on whoever decodes the image.  This module re-exports it, reads paths itself
+(regular files only, within a byte limit) and turns its errors into the SDK's
+:class:`~convserve_client.errors.ImageError` (a
 :class:`~convserve_client.errors.ConvserveError`); see the contract module for
 the steps.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
+from convserve_client import _inputs
 from convserve_client.errors import ImageError
 from convserve_protocol import preprocessing as _shared
 from convserve_protocol.preprocessing import (
@@ -59,39 +60,45 @@ __all__ = [
 Result = TypeVar("Result")
 
 
-def _raising_client_errors(function: Callable[..., Result]) -> Callable[..., Result]:
-    """Wrap a contract function so that its image errors arrive as the SDK's :class:`ImageError`."""
-
-    @functools.wraps(function)
-    def wrapper(*args: object, **kwargs: object) -> Result:
+def _with_paths_read(images: Sequence[ImageInput], max_bytes: int, batch: bool,
+                     decode: Callable[[list[ImageInput]], Result]) -> Result:
+    """``decode(images)`` with each path replaced by its file's bytes, read by
+    :func:`~convserve_client._inputs.read_image_file` (regular files only, at most ``max_bytes``): the
+    contract's own reading would block on a FIFO and read a device without end.  Errors are the SDK's
+    :class:`ImageError`, naming the caller's image (and its index, for a ``batch``)."""
+    loaded: list[ImageInput] = []
+    for index, image in enumerate(images):
         try:
-            return function(*args, **kwargs)
-        except _shared.ImageError as exc:
-            if isinstance(exc, ImageError):
-                raise
-            raise ImageError(exc.message, exc.source, exc.index) from exc
-
-    return wrapper
-
-
-@_raising_client_errors
-def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """:func:`convserve_protocol.preprocessing.load_image`, raising the SDK's :class:`ImageError`."""
-    return _shared.load_image(image, max_pixels)
+            loaded.append(_inputs.loaded(image, max_bytes))
+        except ImageError as exc:
+            exc.index = index if batch else None
+            raise
+    try:
+        return decode(loaded)
+    except _shared.ImageError as exc:
+        where = exc.index if batch and exc.index is not None else 0
+        raise _inputs.renamed(exc, images[where], loaded[where], exc.index if batch else None) from exc
 
 
-@_raising_client_errors
-def preprocess(image: ImageInput, spec: PreprocessingSpec, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """:func:`convserve_protocol.preprocessing.preprocess`, raising the SDK's :class:`ImageError`."""
-    return _shared.preprocess(image, spec, max_pixels)
+def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *,
+               max_bytes: int = _inputs.DEFAULT_MAX_IMAGE_BYTES) -> np.ndarray:
+    """:func:`convserve_protocol.preprocessing.load_image`, reading a path safely (see :func:`preprocess`)."""
+    return _with_paths_read([image], max_bytes, False, lambda loaded: _shared.load_image(loaded[0], max_pixels))
 
 
-@_raising_client_errors
-def preprocess_batch(
-    images: Sequence[ImageInput], spec: PreprocessingSpec, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-) -> np.ndarray:
-    """:func:`convserve_protocol.preprocessing.preprocess_batch`, raising the SDK's :class:`ImageError`."""
-    return _shared.preprocess_batch(images, spec, max_pixels)
+def preprocess(image: ImageInput, spec: PreprocessingSpec, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *,
+               max_bytes: int = _inputs.DEFAULT_MAX_IMAGE_BYTES) -> np.ndarray:
+    """:func:`convserve_protocol.preprocessing.preprocess`, raising the SDK's :class:`ImageError`; a path is
+    read only if it is a regular file (not a FIFO or a device) of at most ``max_bytes`` bytes."""
+    return _with_paths_read([image], max_bytes, False, lambda loaded: _shared.preprocess(loaded[0], spec, max_pixels))
+
+
+def preprocess_batch(images: Sequence[ImageInput], spec: PreprocessingSpec,
+                     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, *,
+                     max_bytes: int = _inputs.DEFAULT_MAX_IMAGE_BYTES) -> np.ndarray:
+    """:func:`convserve_protocol.preprocessing.preprocess_batch`, reading paths safely (see :func:`preprocess`)."""
+    return _with_paths_read(list(images), max_bytes, True,
+                            lambda loaded: _shared.preprocess_batch(loaded, spec, max_pixels))
 
 
 @dataclass(frozen=True)

@@ -221,9 +221,11 @@ async def test_cli_prints_a_line_per_image_and_fails_only_the_bad_one(tiny_serve
 def test_cli_without_a_server_is_a_one_line_error(tmp_path, capsys):
     path = tmp_path / "x.png"
     Image.fromarray(photo(0)).save(path)
-    code = classify_main([str(path), "--server", f"127.0.0.1:{free_port()}", "--timeout", "0.5"])
+    port = free_port()
+    code = classify_main([str(path), "--server", f"127.0.0.1:{port}", "--timeout", "0.5"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and err[0].startswith("convserve-classify: error:")
+    assert code == 1 and len(err) == 1
+    assert err[0] == f"convserve-classify: error: cannot reach the server at 127.0.0.1:{port} (is it running?)"
 
 
 async def test_bearer_token_is_required_except_for_health(tiny_repo, start_server):
