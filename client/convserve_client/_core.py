@@ -39,7 +39,7 @@ from convserve_client.types import Classification, ModelInfo, RetryPolicy
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-MAX_ENCODED_REQUEST_BYTES = 32 * 1024 * 1024
+MAX_ENCODED_REQUEST_BYTES = 16 * 1024 * 1024
 """Most encoded bytes in one request: the server's default ``--max-encoded-request-bytes``."""
 MESSAGE_OVERHEAD_BYTES = 1024
 """Room left for a request's other fields under a server's message limit."""

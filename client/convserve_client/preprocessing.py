@@ -11,7 +11,6 @@ the steps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
@@ -41,7 +40,6 @@ __all__ = [
     "ImageError",
     "ImageInput",
     "ImageTooLarge",
-    "PreprocessedImages",
     "PreprocessingSpec",
     "aspect_crop_box",
     "center_crop",
@@ -52,7 +50,6 @@ __all__ = [
     "load_image",
     "preprocess",
     "preprocess_batch",
-    "preprocess_images",
     "rescale",
     "resize_bilinear",
 ]
@@ -99,36 +96,3 @@ def preprocess_batch(images: Sequence[ImageInput], spec: PreprocessingSpec,
     """:func:`convserve_protocol.preprocessing.preprocess_batch`, reading paths safely (see :func:`preprocess`)."""
     return _with_paths_read(list(images), max_bytes, True,
                             lambda loaded: _shared.preprocess_batch(loaded, spec, max_pixels))
-
-
-@dataclass(frozen=True)
-class PreprocessedImages:
-    """The good images as one float32 (N, H, W, 3) batch, and per input either its row or its error."""
-
-    batch: np.ndarray
-    slots: list[int | ImageError]
-
-    @property
-    def first_error(self) -> ImageError | None:
-        """The error of the first input that failed, if any did."""
-        return next((slot for slot in self.slots if isinstance(slot, ImageError)), None)
-
-
-def preprocess_images(images: Sequence[ImageInput], spec: PreprocessingSpec,
-                      max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> PreprocessedImages:
-    """Preprocess every image, recording (not raising) the error of each one that fails, with its index: the
-    SDK answers the others and reports each bad one in its place."""
-    rows: list[np.ndarray] = []
-    slots: list[int | ImageError] = []
-    for index, image in enumerate(images):
-        try:
-            rows.append(preprocess(image, spec, max_pixels))
-            slots.append(len(rows) - 1)
-        except ImageError as exc:
-            exc.index = index
-            slots.append(exc)
-        except Exception as exc:  # a decoder's own bug must still be that image's error alone
-            slots.append(ImageError(f"{describe_source(image)}: {exc}", describe_source(image), index))
-    shape = (len(rows), spec.height, spec.width, spec.channels)
-    batch = np.stack(rows) if rows else np.empty(shape, dtype=np.float32)
-    return PreprocessedImages(batch=batch, slots=slots)
