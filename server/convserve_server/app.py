@@ -178,9 +178,10 @@ class ConvserveServer:
             log.info("not ready; still answering for the drain delay (%.1f s)", delay)
             await self._wait_for_hurry(delay)
         log.info("draining (grace %.1f s)", grace)
-        deadline = asyncio.get_running_loop().time() + grace
-        await self._drain_accepted(deadline)
-        await self._stop_transport(deadline)
+        deadline = asyncio.get_running_loop().time() + grace  # the process exits by then
+        stop_time = min(GOAWAY_PAUSE_S + FLUSH_GRACE_S, grace / 2)  # kept for stopping gRPC
+        await self._drain_accepted(deadline - stop_time)
+        await self._stop_transport(deadline - stop_time, deadline)
         self.decoder.close()
         if self.metrics is not None:
             self.metrics.close()
@@ -200,7 +201,7 @@ class ConvserveServer:
             log.error("grace period over with %d requests still in progress; they will be cancelled",
                       admission.in_flight)
 
-    async def _stop_transport(self, deadline: float) -> None:
+    async def _stop_transport(self, settle_by: float, deadline: float) -> None:
         """Stop gRPC so that no caller sees CANCELLED (see :mod:`convserve_server.admission`).
 
         gRPC cancels calls that reach it while it shuts down, before they reach a handler.  So: wait until
@@ -210,15 +211,18 @@ class ConvserveServer:
         """
         admission = self.core.admission
         loop = asyncio.get_running_loop()
-        settle_by = min(deadline, loop.time() + MAX_SETTLE_S)
+        settle_by = min(settle_by, loop.time() + MAX_SETTLE_S)
         try:
             await asyncio.wait_for(admission.wait_settled(SETTLE_QUIET_S), max(settle_by - loop.time(), 0))
         except TimeoutError:
-            log.warning("calls still arriving after %.1f s of refusals; stopping anyway", MAX_SETTLE_S)
+            log.warning("calls still arriving; stopping anyway")
         await self.health.enter_graceful_shutdown()
         held = admission.held
-        stopping = loop.create_task(self._server.stop(grace=max(deadline - loop.time(), FLUSH_GRACE_S)))
-        await asyncio.sleep(GOAWAY_PAUSE_S)
+        remaining = max(deadline - loop.time(), 0)
+        pause = min(GOAWAY_PAUSE_S, remaining / 2)
+        # Long-lived calls (health Watch streams) are cancelled once the flush grace is over.
+        stopping = loop.create_task(self._server.stop(grace=min(FLUSH_GRACE_S, remaining - pause)))
+        await asyncio.sleep(pause)
         admission.release()
         log.info("refused %d calls held while draining", held)
         await stopping
