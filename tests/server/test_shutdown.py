@@ -6,6 +6,7 @@ keep going through the shutdown until the process has exited.  Every outcome is 
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import signal
 import threading
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import grpc
+import grpc.aio
 import numpy as np
 import pytest
 
@@ -121,3 +123,23 @@ def test_sigterm_with_a_drain_delay_answers_through_the_delay_and_cancels_nothin
         assert set(outcomes) <= ALLOWED, f"run {run}: {outcomes}, e.g. {callers.examples}"
         assert callers.answered > callers.answered_at_sigterm + CALLERS, "calls must be answered during the delay"
         assert status == 0 and delay_s <= seconds < delay_s + GRACE_S, f"exit status {status} after {seconds:.1f} s"
+
+
+async def test_a_call_arriving_during_the_drain_does_no_work_and_is_refused_unavailable(tiny_repo, start_server):
+    server = await start_server(tiny_repo, max_queue_delay_us=500_000)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        infer = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        accepted = asyncio.ensure_future(infer(single_image_request(), timeout=10))  # waits out the queue delay
+        while server.core.loaded("tiny")[0].batcher.queue_depth < 1:
+            await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(server.shutdown(grace_s=5))
+        while not server.core.draining:
+            await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await infer(single_image_request(), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in caught.value.details()
+        assert list((await accepted).outputs[0].shape) == [1, len(TINY_LABELS)]
+        await asyncio.wait_for(stopping, 10)
+    statistics = server.core.loaded("tiny")[0].statistics
+    assert statistics.inference_count == 1, "only the accepted call was computed"
