@@ -12,15 +12,16 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import grpc
 import grpc.aio
 import numpy as np
 import pytest
-
 from convserve_bench.processes import ServerProcess
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+
 from tests.models import TINY_LABELS
 
 CALLERS = 16
@@ -52,7 +53,7 @@ class ClosedLoopCallers:
         self.answered_at_sigterm = 0
         self._threads = [threading.Thread(target=self._call, args=(index,), daemon=True) for index in range(CALLERS)]
 
-    def __enter__(self) -> ClosedLoopCallers:
+    def __enter__(self) -> Self:
         for thread in self._threads:
             thread.start()
         return self
@@ -90,17 +91,17 @@ class ClosedLoopCallers:
 
 def sigterm_under_load(repository: Path, shared_channel: bool, *flags: str) -> tuple[ClosedLoopCallers, int, float]:
     """One run: callers up to speed, SIGTERM, wait for the exit; the callers, the exit status and seconds to exit."""
-    with ServerProcess(repository, "--grace-period-s", str(GRACE_S), *flags) as server:
-        with ClosedLoopCallers(server, shared_channel) as callers:
-            deadline = time.monotonic() + 30
-            while callers.answered < ANSWERS_BEFORE_SIGTERM or min(callers.answered_by) == 0:
-                assert time.monotonic() < deadline, f"callers never got going: {dict(callers.outcomes)}"
-                time.sleep(0.01)
-            callers.answered_at_sigterm = callers.answered
-            server.process.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
-            status = server.process.wait(timeout=30)
-            seconds = time.monotonic() - signalled
+    server = ServerProcess(repository, "--grace-period-s", str(GRACE_S), *flags)
+    with server, ClosedLoopCallers(server, shared_channel) as callers:
+        deadline = time.monotonic() + 30
+        while callers.answered < ANSWERS_BEFORE_SIGTERM or min(callers.answered_by) == 0:
+            assert time.monotonic() < deadline, f"callers never got going: {dict(callers.outcomes)}"
+            time.sleep(0.01)
+        callers.answered_at_sigterm = callers.answered
+        server.process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        status = server.process.wait(timeout=30)
+        seconds = time.monotonic() - signalled
     return callers, status, seconds
 
 
