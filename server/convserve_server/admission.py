@@ -14,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from convserve_server.errors import ModelNotReady
 
 REFUSAL = "server is shutting down; not accepting new requests"
 SETTLE_POLL_S = 0.01
+DEADLINE_MARGIN_S = 0.1
+"""A held call is refused this long before its caller's deadline, if the release has not come by then."""
 
 
 class Admission:
@@ -45,11 +47,12 @@ class Admission:
         return self._held
 
     @contextlib.asynccontextmanager
-    async def call(self) -> AsyncIterator[None]:
-        """Wrap one call's handler: runs it if admitted; once closed, waits for the release and raises
-        ModelNotReady without running it."""
+    async def call(self, deadline: float | None = None) -> AsyncIterator[None]:
+        """Wrap one call's handler: runs it if admitted; once closed, waits for the release (or until
+        shortly before the caller's ``deadline``, a ``time.monotonic()`` instant) and raises ModelNotReady
+        without running it."""
         if not self._open:
-            await self._hold()
+            await self._hold(deadline)
             raise ModelNotReady(REFUSAL)
         self._in_flight += 1
         self._idle.clear()
@@ -60,11 +63,14 @@ class Admission:
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _hold(self) -> None:
+    async def _hold(self, deadline: float | None) -> None:
         self._held += 1
         self._last_held_at = time.monotonic()
+        timeout = None if deadline is None else max(deadline - self._last_held_at - DEADLINE_MARGIN_S, 0)
         try:
-            await self._released.wait()
+            await asyncio.wait_for(self._released.wait(), timeout)
+        except TimeoutError:
+            pass  # refused before the caller's deadline: UNAVAILABLE, which it can retry, not DEADLINE_EXCEEDED
         finally:
             self._held -= 1
 
