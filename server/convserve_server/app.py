@@ -191,39 +191,39 @@ class ConvserveServer:
     async def _drain_accepted(self, deadline: float) -> None:
         """Hold new calls, answer every queued request, and wait until every admitted handler has returned
         (its reply handed to gRPC), all by ``deadline``."""
-        admission = self.core.admission
-        admission.close()
+        gate = self.core.shutdown_gate
+        gate.close()
         loop = asyncio.get_running_loop()
         try:
             await asyncio.wait_for(self.core.drain(), max(deadline - loop.time(), 0))
-            await asyncio.wait_for(admission.wait_idle(), max(deadline - loop.time(), 0))
+            await asyncio.wait_for(gate.wait_idle(), max(deadline - loop.time(), 0))
         except TimeoutError:
             log.error("grace period over with %d requests still in progress; they will be cancelled",
-                      admission.in_flight)
+                      gate.in_flight)
 
     async def _stop_transport(self, settle_by: float, deadline: float) -> None:
-        """Stop gRPC so that no caller sees CANCELLED (see :mod:`convserve_server.admission`).
+        """Stop gRPC so that no caller sees CANCELLED (see :mod:`convserve_server.shutdown_gate`).
 
         gRPC cancels calls that reach it while it shuts down, before they reach a handler.  So: wait until
         new calls stop arriving (closed-loop callers are then all waiting on a held call and send no
         other), stop gRPC (it sends GOAWAY: clients open no new call on these connections), give the
         GOAWAY time to reach them, then refuse the held calls and let gRPC flush those replies.
         """
-        admission = self.core.admission
+        gate = self.core.shutdown_gate
         loop = asyncio.get_running_loop()
         settle_by = min(settle_by, loop.time() + MAX_SETTLE_S)
         try:
-            await asyncio.wait_for(admission.wait_settled(SETTLE_QUIET_S), max(settle_by - loop.time(), 0))
+            await asyncio.wait_for(gate.wait_settled(SETTLE_QUIET_S), max(settle_by - loop.time(), 0))
         except TimeoutError:
             log.warning("calls still arriving; stopping anyway")
         await self.health.enter_graceful_shutdown()
-        held = admission.held
+        held = gate.held
         remaining = max(deadline - loop.time(), 0)
         pause = min(GOAWAY_PAUSE_S, remaining / 2)
         # Long-lived calls (health Watch streams) are cancelled once the flush grace is over.
         stopping = loop.create_task(self._server.stop(grace=min(FLUSH_GRACE_S, remaining - pause)))
         await asyncio.sleep(pause)
-        admission.release()
+        gate.release()
         log.info("refused %d calls held while draining", held)
         await stopping
 

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 
 from convserve_protocol.repository import VersionPath, is_version_name, links_out_of, scan_repository
-from convserve_server.admission import Admission
+from convserve_server.shutdown_gate import ShutdownGate
 from convserve_server.batcher import BatchObserver, DynamicBatcher
 from convserve_server.config import ServerConfig
 from convserve_server.errors import (
@@ -124,7 +124,7 @@ class InferenceCore:
         self._changing = asyncio.Lock()  # one load, unload or poll at a time
         self.shutting_down = False  # not ready from here on; requests are still answered until the drain
         self.draining = False
-        self.admission = Admission()  # which calls may start work; the server closes it to drain
+        self.shutdown_gate = ShutdownGate()  # which calls may start work; the server closes it to drain
 
     # --- loading -----------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Which calls may start work, and knowing when every admitted one has returned: the last stage of a drain.
 
-Until :meth:`Admission.close`, every call is admitted and counted while its handler runs.  After it,
-a new call is *held*: it does no work and waits for :meth:`Admission.release`, then is refused
+Until :meth:`ShutdownGate.close`, every call is admitted and counted while its handler runs.  After it,
+a new call is *held*: it does no work and waits for :meth:`ShutdownGate.release`, then is refused
 (ModelNotReady, so UNAVAILABLE).  Holding rather than refusing at once matters to callers in a
 closed loop: a caller whose call is held sends no other, so when the transport is stopped nothing of
 theirs is caught half-accepted (gRPC cancels calls that reach it while it shuts down, and a caller
@@ -24,7 +24,7 @@ DEADLINE_MARGIN_S = 0.1
 """A held call is refused this long before its caller's deadline, if the release has not come by then."""
 
 
-class Admission:
+class ShutdownGate:
     """Admits calls until closed; then holds new ones until released and refuses them."""
 
     def __init__(self) -> None:
