@@ -51,6 +51,14 @@ READINESS_NAMES = ("", READINESS, *SERVICE_NAMES)
 MIN_CLIENT_PING_INTERVAL_MS = 500
 MAX_PING_STRIKES = 2
 
+# Shutdown (see ConvserveServer._stop_transport): how long no new call may arrive before the transport is
+# stopped, the most time spent waiting for that, how long the GOAWAY gets to reach clients before held
+# calls are refused, and the least time gRPC gets to flush the last replies.
+SETTLE_QUIET_S = 0.2
+MAX_SETTLE_S = 2.0
+GOAWAY_PAUSE_S = 0.1
+FLUSH_GRACE_S = 1.0
+
 
 def _channel_options(config: ServerConfig) -> list[tuple[str, Any]]:
     options: list[tuple[str, Any]] = [
@@ -169,9 +177,11 @@ class ConvserveServer:
         (UNAVAILABLE), answer accepted ones within the grace period, and stop.
 
         ``grace_s`` and ``drain_delay_s`` default to the config's; :meth:`hurry` ends the delay early.
+        No call ends CANCELLED: each is answered, or refused with UNAVAILABLE before it did any work.
         """
         grace = self.config.grace_period_s if grace_s is None else grace_s
         delay = self.config.drain_delay_s if drain_delay_s is None else drain_delay_s
+        self.core.begin_shutdown()
         await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._watcher is not None:
             self._watcher.cancel()
@@ -179,17 +189,54 @@ class ConvserveServer:
             log.info("not ready; still answering for the drain delay (%.1f s)", delay)
             await self._wait_for_hurry(delay)
         log.info("draining (grace %.1f s)", grace)
-        try:
-            await asyncio.wait_for(self.core.drain(), grace)
-        except TimeoutError:
-            log.error("grace period over with requests still queued")
-        await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace=1.0)
+        deadline = asyncio.get_running_loop().time() + grace  # the process exits by then
+        stop_time = min(GOAWAY_PAUSE_S + FLUSH_GRACE_S, grace / 2)  # kept for stopping gRPC
+        await self._drain_accepted(deadline - stop_time)
+        await self._stop_transport(deadline - stop_time, deadline)
         self.decoder.close()
         if self.metrics is not None:
             self.metrics.close()
         self._stopped.set()
         log.info("stopped")
+
+    async def _drain_accepted(self, deadline: float) -> None:
+        """Hold new calls, answer every queued request, and wait until every admitted handler has returned
+        (its reply handed to gRPC), all by ``deadline``."""
+        gate = self.core.shutdown_gate
+        gate.close()
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(self.core.drain(), max(deadline - loop.time(), 0))
+            await asyncio.wait_for(gate.wait_idle(), max(deadline - loop.time(), 0))
+        except TimeoutError:
+            log.error("grace period over with %d requests still in progress; they will be cancelled",
+                      gate.in_flight)
+
+    async def _stop_transport(self, settle_by: float, deadline: float) -> None:
+        """Stop gRPC so that no caller sees CANCELLED (see :mod:`convserve_server.shutdown_gate`).
+
+        gRPC cancels calls that reach it while it shuts down, before they reach a handler.  So: wait until
+        new calls stop arriving (closed-loop callers are then all waiting on a held call and send no
+        other), stop gRPC (it sends GOAWAY: clients open no new call on these connections), give the
+        GOAWAY time to reach them, then refuse the held calls and let gRPC flush those replies.
+        """
+        gate = self.core.shutdown_gate
+        loop = asyncio.get_running_loop()
+        settle_by = min(settle_by, loop.time() + MAX_SETTLE_S)
+        try:
+            await asyncio.wait_for(gate.wait_settled(SETTLE_QUIET_S), max(settle_by - loop.time(), 0))
+        except TimeoutError:
+            log.warning("calls still arriving; stopping anyway")
+        await self.health.enter_graceful_shutdown()
+        held = gate.held
+        remaining = max(deadline - loop.time(), 0)
+        pause = min(GOAWAY_PAUSE_S, remaining / 2)
+        # Long-lived calls (health Watch streams) are cancelled once the flush grace is over.
+        stopping = loop.create_task(self._server.stop(grace=min(FLUSH_GRACE_S, remaining - pause)))
+        await asyncio.sleep(pause)
+        gate.release()
+        log.info("refused %d calls held while draining", held)
+        await stopping
 
     def hurry(self) -> None:
         """End a drain delay in progress now (a second stop signal)."""

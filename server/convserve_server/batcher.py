@@ -30,7 +30,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from convserve_server.errors import DeadlineExpired, ModelNotReady, Overloaded
+from convserve_server.errors import DeadlineExpired, InvalidInput, ModelNotReady, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,9 @@ class DynamicBatcher:
 
         ``deadline`` is a ``time.monotonic()`` instant after which the request
         is dropped before compute (DeadlineExpired).  Raises Overloaded when the
-        queue is full, ModelNotReady once the batcher is closing or stopped.
+        queue is full, InvalidInput when the request needs more chunks than the
+        queue can ever hold (retrying could never help), ModelNotReady once the
+        batcher is closing or stopped.
         """
         loop = self._loop
         if loop is None:
@@ -139,6 +141,7 @@ class DynamicBatcher:
         if self._closing:
             raise ModelNotReady(self._stopped_reason or "server is draining; not accepting new requests")
         size = self._max_batch_size
+        self._check_fits(len(rows))
         if len(rows) <= size:
             pending = [_Pending(rows, loop.create_future(), deadline)]
         else:
@@ -155,6 +158,14 @@ class DynamicBatcher:
         if len(pending) == 1:
             return await pending[0].future
         return np.concatenate(await asyncio.gather(*(item.future for item in pending)))
+
+    def _check_fits(self, rows: int) -> None:
+        """InvalidInput if a request of ``rows`` needs more chunks than the queue holds even when empty."""
+        limit = self._max_batch_size * self._max_queue_size
+        if rows > limit:
+            raise InvalidInput(f"{rows} images need {-(-rows // self._max_batch_size)} chunks of max_batch_size "
+                               f"{self._max_batch_size}, more than the queue holds (max_queue_size "
+                               f"{self._max_queue_size}): send at most {limit} images a request")
 
     # --- on the loop's thread: answers from the workers ---------------------------------------
 

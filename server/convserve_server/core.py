@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from convserve_protocol.repository import VersionPath, is_version_name, links_out_of, scan_repository
+from convserve_server.shutdown_gate import ShutdownGate
 from convserve_server.batcher import BatchObserver, DynamicBatcher
 from convserve_server.config import ServerConfig
 from convserve_server.errors import (
@@ -121,7 +122,9 @@ class InferenceCore:
         self._refused: dict[Path, FileSignature] = {}  # refused versions' files, as they were then
         self._unloaded: set[str] = set()  # unloaded on request: the poller leaves them alone until loaded again
         self._changing = asyncio.Lock()  # one load, unload or poll at a time
+        self.shutting_down = False  # not ready from here on; requests are still answered until the drain
         self.draining = False
+        self.shutdown_gate = ShutdownGate()  # which calls may start work; the server closes it to drain
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -277,8 +280,14 @@ class InferenceCore:
             except Exception:
                 log.exception("model repository poll failed")
 
+    def begin_shutdown(self) -> None:
+        """Report not ready from now on (ServerReady, ModelReady, the repository index), still answering
+        requests until :meth:`drain`."""
+        self.shutting_down = True
+
     async def drain(self) -> None:
         """Refuse new requests and answer every accepted one."""
+        self.shutting_down = True
         self.draining = True
         await asyncio.gather(*(served.retire() for versions in self._models.values() for served in versions.values()))
 
@@ -291,10 +300,15 @@ class InferenceCore:
 
     @property
     def ready(self) -> bool:
-        """Every model's newest version, the one unversioned calls get, is warmed, and the server is not draining."""
-        return not self.draining and bool(self._models) and all(
+        """Every model's newest version, the one unversioned calls get, is warmed, and the server is not
+        shutting down."""
+        return not self.shutting_down and bool(self._models) and all(
             versions[max(versions)].ready for versions in self._models.values()
         )
+
+    def version_ready(self, served: ServedVersion) -> bool:
+        """Whether a served version takes requests and the server is not shutting down."""
+        return served.ready and not self.shutting_down
 
     def model_names(self) -> list[str]:
         """Names of the served models."""
@@ -348,8 +362,8 @@ class InferenceCore:
         for name in sorted(set(on_disk) | set(self._models)):
             if name in self._models:
                 for version, served in sorted(self._models[name].items()):
-                    ready = served.ready and not self.draining
-                    reason = "" if ready else ("draining" if self.draining else "warming up")
+                    ready = self.version_ready(served)
+                    reason = "" if ready else ("shutting down" if self.shutting_down else "warming up")
                     entries.append(RepositoryEntry(name, version, ready, reason))
                 continue
             newest = on_disk[name][-1]

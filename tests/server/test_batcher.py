@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from convserve_server.batcher import DynamicBatcher
-from convserve_server.errors import DeadlineExpired, ModelNotReady, Overloaded
+from convserve_server.errors import DeadlineExpired, InvalidInput, ModelNotReady, Overloaded
 
 
 class ModelCrash(BaseException):
@@ -171,6 +171,16 @@ async def test_a_full_queue_refuses_at_once_and_the_accepted_requests_are_answer
         await batcher.submit(rows(4, 5))
     model.gate.set()
     assert [float(r[0, 0]) for r in await asyncio.gather(*running, *queued)] == [0, 2, 4]
+    await batcher.close()
+
+
+async def test_a_request_needing_more_chunks_than_the_queue_holds_is_invalid_even_when_idle():
+    model = GatedModel()
+    batcher, _ = await started(model, max_batch_size=2, max_queue_size=2)
+    with pytest.raises(InvalidInput, match="at most 4 images"):
+        await batcher.submit(np.zeros((5, 1), dtype=np.float32))
+    assert model.calls == []
+    assert len(await batcher.submit(np.zeros((4, 1), dtype=np.float32))) == 4
     await batcher.close()
 
 

@@ -13,6 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convserve_protocol.protos import classifier_pb2 as cpb
 from convserve_protocol.protos import classifier_pb2_grpc as cpb_grpc
+from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
+from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server.config import load_config
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -64,6 +66,36 @@ async def test_during_the_drain_delay_readiness_is_off_and_calls_are_still_answe
         assert time.monotonic() - started >= DRAIN_DELAY_S
         await stopping
     assert server.stopped
+
+
+async def readiness_everywhere(channel: grpc.aio.Channel) -> dict[str, bool]:
+    """What ServerReady, ModelReady (without and with a version), the repository index and health say."""
+    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+    index = await stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=5)
+    return {
+        "ServerReady": (await stub.ServerReady(pb.ServerReadyRequest(), timeout=5)).ready,
+        "ModelReady": (await stub.ModelReady(pb.ModelReadyRequest(name="tiny"), timeout=5)).ready,
+        "ModelReady v1": (await stub.ModelReady(pb.ModelReadyRequest(name="tiny", version="1"), timeout=5)).ready,
+        "RepositoryIndex": all(model.state == "READY" for model in index.models),
+        "health": await status(channel, "readiness") == SERVING,
+    }
+
+
+async def test_during_the_drain_delay_server_ready_model_ready_and_health_agree(tiny_repo, start_server):
+    server = await start_server(tiny_repo, drain_delay_s=DRAIN_DELAY_S)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        assert set((await readiness_everywhere(channel)).values()) == {True}
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="readiness"))
+        assert (await watch.read()).status == SERVING
+        started = time.monotonic()
+        stopping = asyncio.ensure_future(server.shutdown(grace_s=5))
+        assert (await watch.read()).status == NOT_SERVING
+        assert await readiness_everywhere(channel) == dict.fromkeys(
+            ("ServerReady", "ModelReady", "ModelReady v1", "RepositoryIndex", "health"), False)
+        assert len((await cpb_grpc.ClassifierStub(channel).Classify(classify_request(), timeout=5)).results) == 1
+        assert time.monotonic() - started < DRAIN_DELAY_S, "the answers must come within the delay to prove anything"
+        server.hurry()
+        await asyncio.wait_for(stopping, 10)
 
 
 async def test_hurry_ends_the_drain_delay(tiny_repo, start_server):

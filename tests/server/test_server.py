@@ -261,6 +261,27 @@ async def test_full_queue_answers_resource_exhausted_at_once(tiny_repo, start_se
         assert all(len(r.outputs) == 1 for r in await asyncio.gather(*queued))
 
 
+async def test_a_request_larger_than_the_empty_queue_holds_is_invalid_not_retry_later(tiny_repo, start_server):
+    server = await start_server(tiny_repo, max_batch_size=2, max_queue_size=3, max_queue_delay_us=1_000_000)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+        stub = pb_grpc.GRPCInferenceServiceStub(chan)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # on an idle server: retrying could never help
+            await stub.ModelInfer(infer_request(images(7)))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "max_queue_size 3" in caught.value.details() and "at most 6 images" in caught.value.details()
+        assert len((await stub.ModelInfer(infer_request(images(6)))).outputs) == 1  # the limit itself fits
+        queued = asyncio.ensure_future(stub.ModelInfer(infer_request(images(1))))
+        while metric(server, 'convserve_queue_depth{model="tiny"}') < 1:
+            await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:  # would fit once the queue empties: retry later
+            await stub.ModelInfer(infer_request(images(6)))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ModelInfer(infer_request(images(7)))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len((await queued).outputs) == 1
+
+
 async def test_expired_deadline_is_dropped_before_compute(tiny_repo, start_server):
     server = await start_server(tiny_repo, max_queue_delay_us=500_000)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:

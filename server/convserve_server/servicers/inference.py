@@ -160,7 +160,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
     @rpc("ModelReady")
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
         served = self.core.resolve(request.name, request.version)
-        return pb.ModelReadyResponse(ready=served.ready and not self.core.draining)
+        return pb.ModelReadyResponse(ready=self.core.version_ready(served))
 
     @rpc("ServerMetadata")
     async def ServerMetadata(

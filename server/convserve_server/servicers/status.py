@@ -73,7 +73,8 @@ def rpc(method: str) -> Callable[[Handler[Response]], Handler[Response]]:
                 if isinstance(request, MalformedRequest):
                     raise InvalidInput(f"request is not a valid {request.message_type} message: "
                                        f"{request.error.rsplit(': ', 1)[-1]}")
-                return await handler(self, request, context)
+                async with self.core.shutdown_gate.call(deadline_of(context)):
+                    return await handler(self, request, context)
             except ServingError as exc:
                 code = status_code_for(exc)
                 await context.abort(code, str(exc)[:MAX_MESSAGE_CHARS])
