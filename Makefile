@@ -38,8 +38,11 @@ define GPU_SWAP
 	$(BIN)/pip install --quiet -e "./server[gpu]"
 endef
 
+# The root distribution goes first: it once held the server and training too, and uninstalling that old version
+# after theirs are installed would take their commands with it (the dev stamp installs it again).
 $(SERVE_STAMP): $(BIN)/python $(foreach part,$(PARTS),$(part)/pyproject.toml)
 	rm -f $(VENV)/.installed-*
+	$(BIN)/pip uninstall --quiet --quiet --yes convserve
 ifeq ($(ORT_BUILD),gpu)
 	$(BIN)/pip install --quiet $(foreach part,$(PARTS),-e ./$(part))
 	$(GPU_SWAP)
