@@ -23,6 +23,7 @@ from convserve_server.errors import (
     InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, StartupError, quoted,
 )
 from convserve_server.runtime import CPU, DeviceRequest, OnnxModel
+from convserve_server.shutdown_gate import ShutdownGate
 from convserve_server.statistics import VersionStatistics
 from convserve_server.verification import Verification, verify
 
@@ -175,10 +176,8 @@ class InferenceCore:
                 if name in self._unloaded:
                     continue
                 on_disk = {source.version for source in versions}
-                newest_loaded = max((version for version in self._models.get(name, {}) if version in on_disk),
-                                    default=0)
-                for source in versions[-self._config.versions_per_model :]:
-                    if source.version <= newest_loaded or self._still_refused(source):
+                for source in self._newer_than_served(name, versions):
+                    if self._still_refused(source):
                         continue
                     try:
                         await self._load_and_swap_in(source, on_disk)
@@ -208,11 +207,9 @@ class InferenceCore:
                                     f"(expected {name}/<version>/model.onnx)")
             self._unloaded.discard(name)
             on_disk = {source.version for source in versions}
-            newest_loaded = max((version for version in self._models.get(name, {}) if version in on_disk), default=0)
-            for source in versions[-self._config.versions_per_model :]:
-                if source.version > newest_loaded:
-                    self._refused.pop(source.path, None)
-                    await self._load_and_swap_in(source, on_disk)
+            for source in self._newer_than_served(name, versions):
+                self._refused.pop(source.path, None)
+                await self._load_and_swap_in(source, on_disk)
 
     async def unload_model(self, name: str) -> None:
         """Stop serving ``name``: it answers NOT_FOUND at once, and queued requests are still answered.
@@ -244,6 +241,13 @@ class InferenceCore:
             self._refused[source.path] = file_signature(source.path)
             raise ModelLoadFailed(f"refused {source.name} v{source.version}: {exc}") from exc
         await self._swap_in(source.name, served, on_disk)
+
+    def _newer_than_served(self, name: str, versions: list[VersionPath]) -> list[VersionPath]:
+        """Of the newest ``versions_per_model`` versions on disk, those newer than every served one still on disk
+        (a served version deleted from disk does not count, so the newest one left gets loaded)."""
+        on_disk = {source.version for source in versions}
+        newest_served = max((version for version in self._models.get(name, {}) if version in on_disk), default=0)
+        return [source for source in versions[-self._config.versions_per_model :] if source.version > newest_served]
 
     def _still_refused(self, source: VersionPath) -> bool:
         """Whether a version was refused and its file has not changed since (a half-written file is retried
