@@ -17,6 +17,10 @@ from sklearn.model_selection import train_test_split
 from convserve_client.errors import ImageError
 from convserve_client.preprocessing import preprocess
 from convserve_protocol.preprocessing_spec import PreprocessingSpec
+
+MAX_TRAINING_FILE_BYTES = 256 * 1024 * 1024
+"""Largest image file read for training: the operator's own folder, so well above the SDK's 16 MiB request cap
+(the pixel limit still bounds what a file decodes to)."""
 from convserve_training.errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -89,7 +93,7 @@ def load_image_folder(data_dir: Path, spec: PreprocessingSpec, min_per_class: in
         kept = 0
         for path in _image_files(folder):
             try:
-                images.append(preprocess(path, spec))
+                images.append(preprocess(path, spec, max_bytes=MAX_TRAINING_FILE_BYTES))
             except ImageError as exc:
                 skipped.append(str(exc))
                 continue
