@@ -393,7 +393,30 @@ class InferenceCore:
     # --- inference ---------------------------------------------------------------------------
 
     async def infer(self, served: ServedVersion, images: np.ndarray, deadline: float | None) -> np.ndarray:
-        """Probabilities of a resolved version for a batch of preprocessed images, through its batcher."""
+        """The model's output for a batch of preprocessed images, through its batcher: the tensor API.
+
+        As in Triton, the values are the caller's business: NaN, infinity or huge pixels reach the model, and its
+        output comes back as it is, non-finite values included (perf_analyzer's default random bytes are such).
+        """
+        return await self._run(served, images, deadline, require_finite=False)
+
+    async def classify(
+        self, served: ServedVersion, images: np.ndarray, top_k: int, deadline: float | None
+    ) -> Classification:
+        """Top-k labels per image from a resolved version (pinned, so a hot swap cannot change the class count).
+
+        Labels ranked from NaN would be wrong answers, so here non-finite inputs and outputs are INVALID_ARGUMENT.
+        """
+        if not 1 <= top_k <= served.model.num_classes:
+            raise InvalidInput(f"top_k must be between 1 and {served.model.num_classes}, got {top_k}")
+        probabilities = await self._run(served, images, deadline, require_finite=True)
+        top = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+        return Classification(top, np.take_along_axis(probabilities, top, axis=1), probabilities)
+
+    async def _run(
+        self, served: ServedVersion, images: np.ndarray, deadline: float | None, *, require_finite: bool
+    ) -> np.ndarray:
+        """Check, batch and run one request, counting it in the version's statistics as a success or a failure."""
         if self.draining:
             raise ModelNotReady("server is draining; not accepting new requests")
         if not served.ready:
@@ -401,23 +424,16 @@ class InferenceCore:
         started = time.monotonic()
         try:
             check_images(images, served.model.input_shape)
+            if require_finite:
+                check_finite_input(images)
             probabilities = await served.batcher.submit(images, deadline)
-            check_finite_output(probabilities, images)
+            if require_finite:
+                check_finite_output(probabilities, images)
         except Exception:
             served.statistics.record_failure(time.monotonic() - started)
             raise
         served.statistics.record_success(time.monotonic() - started)
         return probabilities
-
-    async def classify(
-        self, served: ServedVersion, images: np.ndarray, top_k: int, deadline: float | None
-    ) -> Classification:
-        """Top-k labels per image from a resolved version (pinned, so a hot swap cannot change the class count)."""
-        if not 1 <= top_k <= served.model.num_classes:
-            raise InvalidInput(f"top_k must be between 1 and {served.model.num_classes}, got {top_k}")
-        probabilities = await self.infer(served, images, deadline)
-        top = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
-        return Classification(top, np.take_along_axis(probabilities, top, axis=1), probabilities)
 
 
 FileSignature = tuple[int, int, int] | None
@@ -442,6 +458,10 @@ def check_images(images: np.ndarray, input_shape: tuple[int, int, int]) -> None:
         raise InvalidInput("empty batch: send at least one image")
     if images.dtype != np.float32:
         raise InvalidInput(f"images must be float32, got {images.dtype}")
+
+
+def check_finite_input(images: np.ndarray) -> None:
+    """Refuse NaN and infinity, which no preprocessing produces."""
     if not np.isfinite(images).all():
         raise InvalidInput("images contain NaN or infinity")
 

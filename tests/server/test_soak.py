@@ -33,7 +33,8 @@ def bad_requests() -> list[tuple[str, object]]:
     unknown = infer_request(np.zeros((1, *SHAPE), np.float32))
     unknown.model_name = "nope"
     return [
-        ("infer", infer_request(nan)), ("infer", wrong_bytes), ("infer", billions), ("infer", unknown),
+        ("classify", cpb.ClassifyRequest(images=nan.astype("<f4").tobytes(), shape=list(nan.shape))),
+        ("infer", wrong_bytes), ("infer", billions), ("infer", unknown),
         ("classify", cpb.ClassifyRequest(images=b"", shape=[0, *SHAPE])),
         ("classify", cpb.ClassifyRequest(images=np.ones((1, *SHAPE), "<f4").tobytes(), shape=[1, *SHAPE], top_k=99)),
         ("garbage", b"\xff\xfe not protobuf"),
