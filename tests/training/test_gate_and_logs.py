@@ -27,7 +27,7 @@ MET_BAR = 0.1
 """Below the 1/5 that any constant prediction scores on that split."""
 UNREACHABLE_BAR = 0.5
 """Above the 2/5 that the best constant prediction scores: identical images get identical predictions."""
-TF_CPP_LOG_LINE = re.compile(r"^[EWF]\d{4} ", re.MULTILINE)
+TF_CPP_LOG_LINE = re.compile(r"^[IEWF]\d{4} |absl::InitializeLog", re.MULTILINE)
 """absl/glog's format: severity letter, then MMDD."""
 RUN_TIMEOUT_S = 600
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from convserve_training.tf_logging import quiet_tensorflow_cpp_logs
+from convserve_training.tf_logging import import_tensorflow
 
-quiet_tensorflow_cpp_logs()  # before TensorFlow's first import, which reads the level once
+import_tensorflow()  # first, with the log level set, so that its import-time lines are filtered
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
