@@ -60,6 +60,11 @@ class ServicerBase:
             name = self.core.default_model
         return name if self.core.serves(name) else "unknown"
 
+    def count(self, request: Any, method: str, code: grpc.StatusCode, started: float) -> None:
+        """Count one answered request in the metrics (if any), with its time since ``started``."""
+        if self.metrics is not None:
+            self.metrics.record_request(self.model_label(request), method, code.name, time.monotonic() - started)
+
 
 def rpc(method: str) -> Callable[[Handler[Response]], Handler[Response]]:
     """Wrap a servicer method: map domain errors to status codes, hide internal ones, count the request."""
@@ -68,28 +73,27 @@ def rpc(method: str) -> Callable[[Handler[Response]], Handler[Response]]:
         @functools.wraps(handler)
         async def wrapper(self: ServicerBase, request: Any, context: grpc.aio.ServicerContext) -> Response:
             started = time.monotonic()
-            code = grpc.StatusCode.OK
             try:
                 if isinstance(request, MalformedRequest):
                     raise InvalidInput(f"request is not a valid {request.message_type} message: "
                                        f"{request.error.rsplit(': ', 1)[-1]}")
                 async with self.core.shutdown_gate.call(deadline_of(context)):
-                    return await handler(self, request, context)
+                    response = await handler(self, request, context)
             except ServingError as exc:
-                code = status_code_for(exc)
-                await context.abort(code, str(exc)[:MAX_MESSAGE_CHARS])
-                raise  # abort raises; this line only satisfies type checkers
+                code, message = status_code_for(exc), str(exc)[:MAX_MESSAGE_CHARS]
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                self.count(request, method, grpc.StatusCode.CANCELLED, started)
                 raise
             except Exception:
                 log.exception("%s failed", method)
-                code = grpc.StatusCode.INTERNAL
-                await context.abort(code, "internal error; see the server log")
-                raise
-            finally:
-                if self.metrics is not None:
-                    self.metrics.record_request(self.model_label(request), method, code.name, time.monotonic() - started)
+                code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
+            else:
+                self.count(request, method, grpc.StatusCode.OK, started)
+                return response
+            # Counted before the status goes out: a caller that reads /metrics once it has its error sees it there.
+            self.count(request, method, code, started)
+            await context.abort(code, message)
+            raise AssertionError("context.abort returned")  # it raises; this line only satisfies type checkers
 
         return wrapper
 
