@@ -263,6 +263,7 @@ def _row(step: Step, name: str, measured: Measured) -> dict[str, Any]:
                                         if row["requests"] and measured.cpu_seconds > 0 else None)
     if measured.model_calls:
         row["mean_batch_size"] = measured.batched_images / measured.model_calls
+    row["host_steal_percent"] = measured.steal_percent
     return row
 
 

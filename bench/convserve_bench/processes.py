@@ -260,6 +260,19 @@ def rss_mb(pids: list[int]) -> float:
     return total if read else float("nan")
 
 
+def host_cpu_ticks() -> tuple[int, int]:
+    """(stolen, all) CPU ticks of this machine so far, from ``/proc/stat``; (0, 0) where it cannot be read.
+
+    Steal is time the hypervisor gave the VM's CPUs to someone else: on a shared VM it swings from one round to
+    the next and moves throughput with it, so the report shows it beside each step.
+    """
+    try:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User plus system CPU time so far of these processes and their threads (0 if none are known)."""
     total = 0

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from convserve_bench.inprocess import InProcessTiming, SingleThreadedModel
 from convserve_bench.loadgen import Step, StepResult, run_step
-from convserve_bench.processes import LOOPBACK, cpu_seconds, metric_samples
+from convserve_bench.processes import LOOPBACK, cpu_seconds, host_cpu_ticks, metric_samples
 from convserve_bench.rpc import ServedModel
 
 LATER_ROUND_WARMUP_S = 0.2
@@ -40,6 +40,13 @@ class Measured:
     cpu_seconds: float = 0.0
     batched_images: float = 0.0
     model_calls: float = 0.0
+    stolen_ticks: int = 0
+    host_ticks: int = 0
+
+    @property
+    def steal_percent(self) -> float | None:
+        """Share of the machine's CPU time that its hypervisor took while this server was loaded (None if unknown)."""
+        return 100 * self.stolen_ticks / self.host_ticks if self.host_ticks else None
 
 
 def measure_step(targets: list[LoadTarget], model: ServedModel, step: Step, rounds: int, processes: int,
@@ -65,9 +72,13 @@ def _measure_round(target: LoadTarget, model: ServedModel, part: Step, processes
     cpu_at_start: list[float] = []
     # The server's CPU counts from the end of the warm-up, when the measured requests start.
     timer = threading.Timer(part.warmup_s, lambda: cpu_at_start.append(cpu_seconds(target.pids)))
+    stolen, ticks = host_cpu_ticks()
     timer.start()
     result = run_step(target.address, target.protocol, model, part, processes)
     timer.join()
+    stolen_after, ticks_after = host_cpu_ticks()
+    into.stolen_ticks += stolen_after - stolen
+    into.host_ticks += ticks_after - ticks
     into.cpu_seconds += cpu_seconds(target.pids) - cpu_at_start[0]
     after = batch_totals(target.metrics_ports)
     into.batched_images += after[0] - before[0]
