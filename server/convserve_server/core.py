@@ -461,17 +461,22 @@ def check_images(images: np.ndarray, input_shape: tuple[int, int, int]) -> None:
 
 
 def check_finite_input(images: np.ndarray) -> None:
-    """Refuse NaN and infinity, which no preprocessing produces."""
+    """Refuse NaN and infinity, which no preprocessing produces; InvalidInput names the images."""
     if not np.isfinite(images).all():
-        raise InvalidInput("images contain NaN or infinity")
+        bad_rows = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(axis=1))
+        raise InvalidInput(f"images contain NaN or infinity: image(s) {_listed(bad_rows)}")
+
+
+def _listed(rows: np.ndarray, most: int = 8) -> str:
+    """Row indices for a message: the first ``most``, then an ellipsis."""
+    return ", ".join(map(str, rows[:most])) + (", ..." if len(rows) > most else "")
 
 
 def check_finite_output(probabilities: np.ndarray, images: np.ndarray) -> None:
     """Refuse to answer NaN: finite but huge inputs (3e38, say) overflow inside the model."""
     bad_rows = np.flatnonzero(~np.isfinite(probabilities).all(axis=1))
     if len(bad_rows):
-        shown = ", ".join(map(str, bad_rows[:8])) + (", ..." if len(bad_rows) > 8 else "")
-        raise InvalidInput(f"the model's output is not finite for image(s) {shown}: their values (largest "
+        raise InvalidInput(f"the model's output is not finite for image(s) {_listed(bad_rows)}: their values (largest "
                            f"|x| {float(np.max(np.abs(images[bad_rows]))):.3g}) are far outside the range "
                            "preprocessing produces")
 
