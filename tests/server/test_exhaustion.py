@@ -177,18 +177,22 @@ class RawHttp2:
             self.closed = True
             return
         for event in self.conn.receive_data(data):
-            if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
-                status = dict(event.headers).get("grpc-status")
-                if status is not None:
-                    self.statuses[event.stream_id] = status
-            elif isinstance(event, h2.events.StreamReset):
-                self.statuses.setdefault(event.stream_id, f"reset {event.error_code}")
-            elif isinstance(event, h2.events.DataReceived):
-                self.answered.add(event.stream_id)
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self.closed = True
+            self._note(event)
         self.flush()
+
+    def _note(self, event: h2.events.Event) -> None:
+        """Record what one event from the server says: a stream's status or reset, its data, a closed connection."""
+        if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+            status = dict(event.headers).get("grpc-status")
+            if status is not None:
+                self.statuses[event.stream_id] = status
+        elif isinstance(event, h2.events.StreamReset):
+            self.statuses.setdefault(event.stream_id, f"reset {event.error_code}")
+        elif isinstance(event, h2.events.DataReceived):
+            self.answered.add(event.stream_id)
+            self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.closed = True
 
     def round_trip(self, timeout_s: float = 20) -> None:
         """PING and read until its ACK: the server has then read every frame sent before it."""
@@ -207,14 +211,8 @@ class RawHttp2:
             for event in self.conn.receive_data(data):
                 if isinstance(event, h2.events.PingAckReceived) and event.ping_data == payload:
                     acked.set()
-                elif isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
-                    status = dict(event.headers).get("grpc-status")
-                    if status is not None:
-                        self.statuses[event.stream_id] = status
-                elif isinstance(event, h2.events.StreamReset):
-                    self.statuses.setdefault(event.stream_id, f"reset {event.error_code}")
-                elif isinstance(event, h2.events.ConnectionTerminated):
-                    self.closed = True
+                else:
+                    self._note(event)
             self.flush()
 
     def close(self) -> None:
