@@ -11,6 +11,7 @@ import asyncio
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from convserve_protocol.protos import classifier_pb2 as cpb
@@ -49,16 +50,19 @@ async def model_infer(port: int, images: np.ndarray) -> np.ndarray:
     return np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(len(images), -1)
 
 
-async def test_model_infer_answers_non_finite_rows_as_the_model_computes_them(tiny_server):
+async def test_model_infer_answers_non_finite_rows_as_the_model_computes_them(tiny_repo, tiny_server):
     images = np.random.default_rng(1).random((5, 8, 8, 3), dtype=np.float32)
     images[1, 0, 0, 0] = np.nan
     images[2] = 3e38
     images[3, 4, 4, 1] = -np.inf
+    session = ort.InferenceSession(str(tiny_repo / "tiny" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    [computed] = session.run(None, {session.get_inputs()[0].name: images})
     alone = [await model_infer(tiny_server.port, images[i : i + 1]) for i in (0, 4)]
     # Sent together and concurrently with ordinary requests, so that the bad rows share batches with good ones.
     together, *others = await asyncio.gather(model_infer(tiny_server.port, images),
                                              *(model_infer(tiny_server.port, images[[0, 4]]) for _ in range(8)))
     assert not np.isfinite(together[[1, 2, 3]]).all(axis=1).any()
+    np.testing.assert_allclose(together, computed, rtol=1e-5, atol=1e-7, equal_nan=True)
     np.testing.assert_allclose(together[[0, 4]], np.concatenate(alone), rtol=1e-5, atol=1e-7)
     for other in others:
         np.testing.assert_allclose(other, np.concatenate(alone), rtol=1e-5, atol=1e-7)

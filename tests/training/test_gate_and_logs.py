@@ -28,7 +28,7 @@ MET_BAR = 0.1
 UNREACHABLE_BAR = 0.5
 """Above the 2/5 that the best constant prediction scores: identical images get identical predictions."""
 TF_CPP_LOG_LINE = re.compile(r"^[IEWF]\d{4} |absl::InitializeLog", re.MULTILINE)
-"""absl/glog's format: severity letter, then MMDD."""
+"""A TensorFlow C++ log line (absl/glog's format: severity letter, then MMDD), or absl's preamble to them."""
 RUN_TIMEOUT_S = 600
 
 

@@ -66,9 +66,10 @@ def filter_cpp_log_lines(text: str, minimum: int) -> str:
     seen: set[str] = set()
     keeping = True
     for line in text.splitlines(keepends=True):
-        if line.rstrip("\n") == ABSL_PREAMBLE:
+        content = line.rstrip("\n")
+        if content == ABSL_PREAMBLE:
             continue
-        match = CPP_LOG_LINE.match(line.rstrip("\n"))
+        match = CPP_LOG_LINE.match(content)
         if match is not None:
             message = match["text"]
             keeping = SEVERITIES.index(match["severity"]) >= minimum and message not in seen
