@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import grpc.aio
@@ -28,20 +29,27 @@ async def test_new_version_is_swapped_in_while_requests_keep_succeeding(tiny_rep
     server = await start_server(tiny_repo, poll_interval_s=0.1, versions_per_model=2)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        stop = asyncio.Event()
+        stop, swapped = asyncio.Event(), asyncio.Event()
         answered: list[str] = []
+        asked_since_swap = [0] * 4  # per caller: answers to requests sent once both versions were listed
 
-        async def keep_asking() -> None:
+        async def keep_asking(caller: int) -> None:
             while not stop.is_set():
+                sent_after_swap = swapped.is_set()
                 answered.append((await stub.ModelInfer(request())).model_version)
+                asked_since_swap[caller] += sent_after_swap
 
-        load = [asyncio.ensure_future(keep_asking()) for _ in range(4)]
+        load = [asyncio.ensure_future(keep_asking(caller)) for caller in range(4)]
         write_version(tiny_repo, "tiny", 2, seed=5)
         for _ in range(200):
             if await versions(stub) == ["1", "2"]:
                 break
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
+        swapped.set()
+        deadline = time.monotonic() + 15
+        while not all(asked_since_swap):  # then every call still in flight was sent after the swap
+            assert time.monotonic() < deadline, f"callers stalled after the swap: {asked_since_swap}"
+            await asyncio.sleep(0.01)
         stop.set()
         await asyncio.gather(*load)  # any failed request would raise here
         assert await versions(stub) == ["1", "2"]
