@@ -7,7 +7,9 @@ calls that send headers and never a body fill it, and every real caller is then 
   DEADLINE_EXCEEDED (a half-open call holds an HTTP/2 stream, not a slot);
 - model calls (the inference and classifier services) are counted from the moment their request has arrived,
   and one over ``max_concurrent_rpcs`` is refused at once with RESOURCE_EXHAUSTED;
-- health ``Watch`` streams are long-lived by design, so they are counted apart, in total and per peer host.
+- health ``Watch`` streams are long-lived by design, so they are counted apart, in total and per peer host;
+- so are inference streams (Triton's ``ModelStreamInfer``), from their headers on: a stream may stay open and idle
+  between requests, as Triton's may, so it has no receive timeout. Its requests are bounded by the servicer.
 
 Unary handlers are served as request-streaming ones so that the request is read by our code, under a timeout;
 each wrapped handler is built once per method and reused.
@@ -26,6 +28,7 @@ import grpc.aio
 from convserve_server.memory import MemoryReleaser
 
 WATCH_METHOD = "/grpc.health.v1.Health/Watch"
+INFERENCE_STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 LARGE_MESSAGE_BYTES = 1 << 20
 """A request message this large has its memory released soon after (see :mod:`convserve_server.memory`)."""
 
@@ -98,14 +101,17 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     """Serves unary calls under a receive timeout, counts model calls and health ``Watch`` streams.
 
     ``counted_prefixes``: method paths (``/package.Service/``) whose calls take a slot of ``calls``.
+    ``inference_streams`` bounds open ``ModelStreamInfer`` streams (unbounded if not given).
     """
 
     def __init__(self, counted_prefixes: tuple[str, ...], calls: ConcurrencyLimit, watches: PeerLimit,
-                 receive_timeout_s: float, releaser: MemoryReleaser | None = None) -> None:
+                 receive_timeout_s: float, releaser: MemoryReleaser | None = None,
+                 inference_streams: PeerLimit | None = None) -> None:
         self._counted_prefixes = counted_prefixes
         self._releaser = releaser
         self._calls = calls
         self._watches = watches
+        self._inference_streams = inference_streams
         self._receive_timeout_s = receive_timeout_s
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -126,6 +132,11 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         if handler.request_streaming:
+            if method == INFERENCE_STREAM_METHOD and self._inference_streams is not None:
+                return grpc.stream_stream_rpc_method_handler(
+                    self._bounded_stream(handler.stream_stream, self._inference_streams, "ModelStreamInfer"),
+                    request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
             return handler  # reflection: its messages are read by its own code as they come
         deserializer = self._noting_large(handler.request_deserializer)
         if handler.response_streaming:
@@ -189,22 +200,36 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
 
         return streaming
 
+    def _bounded_stream(self, behavior: Callable[..., Any], streams: PeerLimit,
+                        name: str) -> Callable[..., Awaitable[None]]:
+        async def bounded(requests: Any, context: grpc.aio.ServicerContext) -> None:
+            await _run_within(streams, f"{name} streams", "retry later or send unary calls", context,
+                              lambda: behavior(requests, context))
+
+        return bounded
+
     def _watch(self, behavior: Callable[..., Any]) -> Callable[..., Awaitable[None]]:
         watches = self._watches
 
         async def watch(requests: Any, context: grpc.aio.ServicerContext) -> None:
             request = await receive_request(context, self._receive_timeout_s)
-            peer = peer_host(context.peer())
-            if not watches.try_enter(peer):
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    f"too many health Watch streams (at most {watches.total}, {watches.per_peer} per "
-                                    "peer); poll Check instead")
-            try:
-                await _write_all(behavior(request, context), context)
-            finally:
-                watches.leave(peer)
+            await _run_within(watches, "health Watch streams", "poll Check instead", context,
+                              lambda: behavior(request, context))
 
         return watch
+
+
+async def _run_within(streams: PeerLimit, what: str, advice: str, context: grpc.aio.ServicerContext,
+                      start: Callable[[], Any]) -> None:
+    """Run a stream's behavior (``start()``) in a slot of ``streams`` for its peer; RESOURCE_EXHAUSTED if none."""
+    peer = peer_host(context.peer())
+    if not streams.try_enter(peer):
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"too many {what} (at most {streams.total}, {streams.per_peer} per peer); {advice}")
+    try:
+        await _write_all(start(), context)
+    finally:
+        streams.leave(peer)
 
 
 async def _write_all(result: Any, context: grpc.aio.ServicerContext) -> None:

@@ -34,7 +34,7 @@ from convserve_server.metrics import ServerMetrics
 from convserve_server.ports import check_port_free
 from convserve_server.servicers.classifier import ClassifierServicer
 from convserve_server.servicers.inference import InferenceServicer
-from convserve_server.servicers.registration import add_unary_service
+from convserve_server.servicers.registration import add_service
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,8 @@ def _admission(config: ServerConfig, releaser: MemoryReleaser) -> AdmissionInter
     """Our own admission in place of gRPC's maximum_concurrent_rpcs, which open streams of any kind would fill."""
     return AdmissionInterceptor(
         tuple(f"/{name}/" for name in SERVICE_NAMES), ConcurrencyLimit(config.max_concurrent_rpcs),
-        PeerLimit(config.max_watch_streams, config.max_watch_streams_per_peer), config.receive_timeout_s, releaser)
+        PeerLimit(config.max_watch_streams, config.max_watch_streams_per_peer), config.receive_timeout_s, releaser,
+        PeerLimit(config.max_inference_streams, config.max_inference_streams_per_peer))
 
 
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -122,9 +123,9 @@ class ConvserveServer:
             interceptors.append(BearerTokenInterceptor(config.auth_token.get_secret_value(), releaser))
         interceptors.append(_admission(config, releaser))
         self._server = grpc.aio.server(options=_channel_options(config), interceptors=interceptors)
-        add_unary_service(self._server, INFERENCE_SERVICE, InferenceServicer(core, metrics))
+        add_service(self._server, INFERENCE_SERVICE, InferenceServicer(core, metrics))
         self.decoder = ImageDecoder(config)
-        add_unary_service(self._server, CLASSIFIER_SERVICE, ClassifierServicer(core, metrics, self.decoder))
+        add_service(self._server, CLASSIFIER_SERVICE, ClassifierServicer(core, metrics, self.decoder))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

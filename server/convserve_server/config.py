@@ -43,6 +43,10 @@ class ServerConfig(BaseSettings):
                                    "RESOURCE_EXHAUSTED")
     max_watch_streams_per_peer: int = Field(16, ge=0, description="health Watch streams open at once from one peer "
                                             "address")
+    max_inference_streams: int = Field(1024, ge=0, description="ModelStreamInfer streams open at once, in all; "
+                                       "beyond, RESOURCE_EXHAUSTED")
+    max_inference_streams_per_peer: int = Field(256, ge=0, description="ModelStreamInfer streams open at once from "
+                                                "one peer address")
     model_instances: int = Field(2, ge=1, le=64, description="batches of one model that may compute at once, each "
                                  "on its own worker thread (like Triton's instance count); on the CPU, with "
                                  "intra-op threads 0, each gets an equal share of the physical cores")

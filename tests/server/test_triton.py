@@ -74,6 +74,30 @@ seen["tiny_after_reload"] = infer("tiny", image).tolist()
 print(json.dumps(seen))
 """
 
+STREAM_SCRIPT = PRELUDE + """
+import queue
+answers = queue.Queue()
+client.start_stream(callback=lambda result, error: answers.put((result, error)))
+batches = {str(i): np.random.default_rng(i).random((1 + i % 3, 8, 8, 3), dtype=np.float32) for i in range(20)}
+for key, batch in batches.items():
+    tensor = triton.InferInput("image", list(batch.shape), "FP32")
+    tensor.set_data_from_numpy(batch)
+    client.async_stream_infer("tiny", [tensor], request_id=key)
+wrong = triton.InferInput("image", [1, 5, 5, 3], "FP32")
+wrong.set_data_from_numpy(np.zeros((1, 5, 5, 3), np.float32))
+client.async_stream_infer("tiny", [wrong], request_id="wrong")
+seen = {"results": {}, "errors": []}
+for _ in range(len(batches) + 1):
+    result, error = answers.get(timeout=30)
+    if error is not None:
+        seen["errors"].append(str(error))
+    else:
+        seen["results"][result.get_response().id] = result.as_numpy("probabilities").tolist()
+client.stop_stream()
+seen["unary"] = {key: infer("tiny", batch).tolist() for key, batch in batches.items()}
+print(json.dumps(seen))
+"""
+
 
 async def run_tritonclient(script: str, *args: str) -> Any:
     """Run a tritonclient script in its own process; what it printed, parsed."""
@@ -270,6 +294,16 @@ async def test_load_refuses_triton_config_overrides(tiny_server):
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'config'" in caught.value.details()
 
 
+async def test_tritonclient_streams_get_every_answer_by_id_and_errors_in_the_callback(tiny_repo, start_server):
+    server = await start_server(tiny_repo)
+    seen = await run_tritonclient(STREAM_SCRIPT, address(server))
+    assert set(seen["results"]) == set(seen["unary"]) == {str(i) for i in range(20)}
+    for key, probabilities in seen["results"].items():
+        np.testing.assert_allclose(probabilities, seen["unary"][key], rtol=1e-6, atol=1e-7)
+    [error] = seen["errors"]
+    assert "INVALID_ARGUMENT: images must have shape" in error
+
+
 async def test_the_extensions_need_the_auth_token(tiny_repo, start_server):
     server = await start_server(tiny_repo, auth_token="s3cret")
     calls = [
@@ -311,7 +345,8 @@ def perf_analyzer() -> tuple[str, dict[str, str]]:
     return binary, env
 
 
-async def test_perf_analyzer_measures_a_throughput(tmp_path, start_server, perf_analyzer):
+@pytest.mark.parametrize("mode", [[], ["--streaming"]], ids=["unary", "streaming"])
+async def test_perf_analyzer_measures_a_throughput(tmp_path, start_server, perf_analyzer, mode):
     binary, env = perf_analyzer
     # The digits model's input size, so that perf_analyzer's default random bytes surely include NaN, infinity and
     # huge values (1 float in 256 is NaN or infinity): a tensor API runs whatever it is sent, as Triton does.
@@ -322,7 +357,7 @@ async def test_perf_analyzer_measures_a_throughput(tmp_path, start_server, perf_
     # not the server's.
     process = await asyncio.create_subprocess_exec(
         binary, "-m", "digits", "-i", "grpc", "-u", address(server), "--concurrency-range", "8",
-        "-p", "1000", "--max-trials", "3", "-s", "1000",
+        "-p", "1000", "--max-trials", "3", "-s", "1000", *mode,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     output = (await asyncio.wait_for(process.communicate(), 120))[0].decode()
     assert process.returncode == 0, output[-3000:]

@@ -4,7 +4,7 @@ model configuration, statistics and model repository extensions."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 
 import grpc.aio
@@ -15,7 +15,9 @@ from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_protocol.repository import MODEL_FILENAME
 from convserve_server.core import ModelConfiguration, RepositoryEntry, ServedVersion
 from convserve_server.errors import InvalidInput, ModelNotFound, quoted
-from convserve_server.servicers.status import ServicerBase, deadline_of, rpc
+from convserve_server.servicers.registration import MalformedRequest
+from convserve_server.servicers.status import Failure, ServicerBase, answer, deadline_of, rpc
+from convserve_server.servicers.streaming import answer_each
 from convserve_server.servicers.tensors import checked_shape, fp32_from_bytes, fp32_from_values
 from convserve_server.statistics import Duration, VersionStatistics
 from convserve_server.verification import Verification
@@ -196,6 +198,28 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("ModelInfer")
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        return await self._infer(request, context)
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest | MalformedRequest],
+                               context: grpc.aio.ServicerContext) -> None:
+        """Triton's streaming inference: each request is answered on the stream once computed (match them by id);
+        a failed one gets ``error_message``, prefixed with its status code name, and the stream goes on."""
+
+        async def stream_answer(request: pb.ModelInferRequest | MalformedRequest) -> pb.ModelStreamInferResponse:
+            result = await answer(self, "ModelStreamInfer", InferenceServicer._infer, request, context)
+            if not isinstance(result, Failure):
+                return pb.ModelStreamInferResponse(infer_response=result)
+            identity = pb.ModelInferResponse()
+            if isinstance(request, pb.ModelInferRequest):
+                identity = pb.ModelInferResponse(id=request.id, model_name=request.model_name,
+                                                 model_version=request.model_version)
+            return pb.ModelStreamInferResponse(error_message=f"{result.code.name}: {result.message}",
+                                               infer_response=identity)
+
+        await answer_each(requests, context, stream_answer)
+
+    async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        """One inference request's response (a domain error if it cannot be answered)."""
         served = self.core.resolve(request.model_name, request.model_version)
         images = _decode_input(request, served)
         _check_requested_outputs(request, served)

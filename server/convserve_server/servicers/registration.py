@@ -36,13 +36,20 @@ def tolerant_parser(message_class: type[Message]) -> Callable[[bytes], Message |
     return parse
 
 
-def add_unary_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any) -> None:
-    """Serve every (unary-unary) method of ``service`` from the same-named method of ``servicer``."""
+def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any) -> None:
+    """Serve every method of ``service`` from the same-named method of ``servicer``.
+
+    Methods are unary, or streaming both ways (the servicer's method then receives the request iterator).
+    """
     handlers = {}
     for method in service.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+        if method.client_streaming != method.server_streaming:
+            raise ValueError(f"{method.full_name}: only unary and bidirectional streaming methods are served")
+        make_handler = grpc.stream_stream_rpc_method_handler if method.client_streaming \
+            else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make_handler(
             getattr(servicer, method.name),
             request_deserializer=tolerant_parser(request_class),
             response_serializer=response_class.SerializeToString,

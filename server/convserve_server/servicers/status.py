@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, NamedTuple, TypeVar
 
 import grpc
 import grpc.aio
@@ -66,34 +66,53 @@ class ServicerBase:
             self.metrics.record_request(self.model_label(request), method, code.name, time.monotonic() - started)
 
 
+class Failure(NamedTuple):
+    """How a request failed: the status code and message it is answered with."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+async def answer(servicer: ServicerBase, method: str, handler: Handler[Response], request: Any,
+                 context: grpc.aio.ServicerContext) -> Response | Failure:
+    """Run ``handler`` for one request under the shutdown gate and count it: its response, or how it failed.
+
+    Domain errors become their status codes; anything else is logged and hidden behind INTERNAL.
+    """
+    started = time.monotonic()
+    try:
+        if isinstance(request, MalformedRequest):
+            raise InvalidInput(f"request is not a valid {request.message_type} message: "
+                               f"{request.error.rsplit(': ', 1)[-1]}")
+        async with servicer.core.shutdown_gate.call(deadline_of(context)):
+            response = await handler(servicer, request, context)
+    except ServingError as exc:
+        failure = Failure(status_code_for(exc), str(exc)[:MAX_MESSAGE_CHARS])
+    except asyncio.CancelledError:
+        servicer.count(request, method, grpc.StatusCode.CANCELLED, started)
+        raise
+    except Exception:
+        log.exception("%s failed", method)
+        failure = Failure(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+    else:
+        servicer.count(request, method, grpc.StatusCode.OK, started)
+        return response
+    # Counted before the status goes out: a caller that reads /metrics once it has its error sees it there.
+    servicer.count(request, method, failure.code, started)
+    return failure
+
+
 def rpc(method: str) -> Callable[[Handler[Response]], Handler[Response]]:
-    """Wrap a servicer method: map domain errors to status codes, hide internal ones, count the request."""
+    """Wrap a unary servicer method: map domain errors to status codes, hide internal ones, count the request."""
 
     def decorate(handler: Handler[Response]) -> Handler[Response]:
         @functools.wraps(handler)
         async def wrapper(self: ServicerBase, request: Any, context: grpc.aio.ServicerContext) -> Response:
-            started = time.monotonic()
-            try:
-                if isinstance(request, MalformedRequest):
-                    raise InvalidInput(f"request is not a valid {request.message_type} message: "
-                                       f"{request.error.rsplit(': ', 1)[-1]}")
-                async with self.core.shutdown_gate.call(deadline_of(context)):
-                    response = await handler(self, request, context)
-            except ServingError as exc:
-                code, message = status_code_for(exc), str(exc)[:MAX_MESSAGE_CHARS]
-            except asyncio.CancelledError:
-                self.count(request, method, grpc.StatusCode.CANCELLED, started)
-                raise
-            except Exception:
-                log.exception("%s failed", method)
-                code, message = grpc.StatusCode.INTERNAL, "internal error; see the server log"
-            else:
-                self.count(request, method, grpc.StatusCode.OK, started)
-                return response
-            # Counted before the status goes out: a caller that reads /metrics once it has its error sees it there.
-            self.count(request, method, code, started)
-            await context.abort(code, message)
-            raise AssertionError("context.abort returned")  # it raises; this line only satisfies type checkers
+            result = await answer(self, method, handler, request, context)
+            if isinstance(result, Failure):
+                await context.abort(result.code, result.message)
+                raise AssertionError("context.abort returned")  # it raises; this line only satisfies type checkers
+            return result
 
         return wrapper
 
