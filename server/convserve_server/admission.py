@@ -135,7 +135,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             if method == INFERENCE_STREAM_METHOD and self._inference_streams is not None:
                 return grpc.stream_stream_rpc_method_handler(
                     self._bounded_stream(handler.stream_stream, self._inference_streams, "ModelStreamInfer"),
-                    request_deserializer=handler.request_deserializer,
+                    request_deserializer=self._noting_large(handler.request_deserializer),
                     response_serializer=handler.response_serializer)
             return handler  # reflection: its messages are read by its own code as they come
         deserializer = self._noting_large(handler.request_deserializer)
