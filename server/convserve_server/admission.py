@@ -98,7 +98,7 @@ async def receive_request(context: grpc.aio.ServicerContext, timeout_s: float) -
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
-    """Serves unary calls under a receive timeout, counts model calls and health ``Watch`` streams.
+    """Serves unary calls under a receive timeout, counts model calls, health ``Watch`` and inference streams.
 
     ``counted_prefixes``: method paths (``/package.Service/``) whose calls take a slot of ``calls``.
     ``inference_streams`` bounds open ``ModelStreamInfer`` streams (unbounded if not given).

@@ -41,9 +41,14 @@ async def answer_each(requests: AsyncIterator[Request], context: grpc.aio.Servic
         finally:
             slots.release()
 
+    incoming = aiter(requests)
     try:
-        async for request in requests:
-            await slots.acquire()
+        while True:
+            await slots.acquire()  # before reading: a request read is a request computing or written
+            try:
+                request = await anext(incoming)
+            except StopAsyncIteration:
+                break
             task = asyncio.ensure_future(answer_one(request))
             pending.add(task)
             task.add_done_callback(finished)
