@@ -20,7 +20,7 @@ import pytest
 
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
-from tests.models import write_version
+from tests.models import TINY_LABELS, write_version
 from tests.server.test_server import infer_request, metric, reference
 
 # tritonclient registers its own copy of the "inference" protos, which would clash with ours in one process:
@@ -96,6 +96,16 @@ for _ in range(len(batches) + 1):
 client.stop_stream()
 seen["unary"] = {key: infer("tiny", batch).tolist() for key, batch in batches.items()}
 print(json.dumps(seen))
+"""
+
+CLASSIFICATION_SCRIPT = PRELUDE + """
+batch = np.random.default_rng(7).random((3, 8, 8, 3), dtype=np.float32)
+tensor = triton.InferInput("image", list(batch.shape), "FP32")
+tensor.set_data_from_numpy(batch)
+result = client.infer("tiny", [tensor], outputs=[triton.InferRequestedOutput("probabilities", class_count=2)])
+classes = result.as_numpy("probabilities")
+print(json.dumps({"shape": list(classes.shape), "classes": [[c.decode() for c in row] for row in classes],
+                  "probabilities": infer("tiny", batch).tolist()}))
 """
 
 
@@ -302,6 +312,16 @@ async def test_tritonclient_streams_get_every_answer_by_id_and_errors_in_the_cal
         np.testing.assert_allclose(probabilities, seen["unary"][key], rtol=1e-6, atol=1e-7)
     [error] = seen["errors"]
     assert "INVALID_ARGUMENT: images must have shape" in error
+
+
+async def test_tritonclient_class_count_returns_the_top_classes_with_their_labels(tiny_repo, start_server):
+    server = await start_server(tiny_repo)
+    seen = await run_tritonclient(CLASSIFICATION_SCRIPT, address(server))
+    assert seen["shape"] == [3, 2]
+    for row, probabilities in zip(seen["classes"], seen["probabilities"]):
+        top = sorted(range(len(probabilities)), key=lambda index: -probabilities[index])[:2]
+        assert [entry.split(":")[1:] for entry in row] == [[str(index), TINY_LABELS[index]] for index in top]
+        assert [float(entry.split(":")[0]) for entry in row] == pytest.approx([probabilities[i] for i in top], abs=1e-6)
 
 
 async def test_the_extensions_need_the_auth_token(tiny_repo, start_server):

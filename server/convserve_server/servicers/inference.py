@@ -4,7 +4,7 @@ model configuration, statistics and model repository extensions."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 import grpc.aio
@@ -26,8 +26,10 @@ SERVER_NAME = "convserve"
 PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 EXTENSIONS = ("convserve.v1.Classifier", "grpc.health.v1.Health", "grpc.reflection",
-              "model_configuration", "statistics", "model_repository")
+              "classification", "model_configuration", "statistics", "model_repository")
 FP32 = "FP32"
+BYTES = "BYTES"
+CLASSIFICATION = "classification"
 UINT32_MAX = 2**32 - 1
 
 
@@ -62,6 +64,42 @@ def _check_requested_outputs(request: pb.ModelInferRequest, served: ServedVersio
         if output.name != served.model.card.output_name:
             raise ModelNotFound(f"unknown output {quoted(output.name)}; model {served.name} has "
                                 f"{quoted(served.model.card.output_name)}")
+
+
+def _classification_count(request: pb.ModelInferRequest, served: ServedVersion) -> int:
+    """How many top classes Triton's classification parameter asks for (0: the output as a tensor).
+
+    A count above the model's classes gives them all, highest first.
+    """
+    for output in request.outputs:
+        if CLASSIFICATION in output.parameters:
+            parameter = output.parameters[CLASSIFICATION]
+            kind = parameter.WhichOneof("parameter_choice")
+            if kind not in ("int64_param", "uint64_param"):
+                raise InvalidInput(f"output {quoted(output.name)}: the classification parameter must be an integer "
+                                   f"count, got {kind or 'no value'}")
+            count = getattr(parameter, kind)
+            if count < 1:
+                raise InvalidInput(f"output {quoted(output.name)}: the classification count must be at least 1, "
+                                   f"got {count}")
+            return min(count, served.model.num_classes)
+    return 0
+
+
+def _classifications(probabilities: np.ndarray, count: int, labels: Sequence[str]) -> list[bytes]:
+    """Triton's classification strings, ``<value>:<index>:<label>``, the ``count`` highest per image, row by row."""
+    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :count]
+    strings = []
+    for row, indices in zip(probabilities, top):
+        for index in indices:
+            text = f"{row[index]:f}:{index}"
+            strings.append((f"{text}:{labels[index]}" if index < len(labels) else text).encode())
+    return strings
+
+
+def _bytes_tensor(elements: list[bytes]) -> bytes:
+    """A BYTES tensor's raw contents: each element as a 4-byte little-endian length, then its bytes."""
+    return b"".join(len(element).to_bytes(4, "little") + element for element in elements)
 
 
 def _param(value: str | int | bool | float) -> pb.InferParameter:
@@ -223,11 +261,19 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         served = self.core.resolve(request.model_name, request.model_version)
         images = _decode_input(request, served)
         _check_requested_outputs(request, served)
+        top_classes = _classification_count(request, served)
         probabilities = await self.core.infer(served, images, deadline_of(context))
         response = pb.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
-        tensor = response.outputs.add(
-            name=served.model.card.output_name, datatype=FP32, shape=list(probabilities.shape)
-        )
+        name = served.model.card.output_name
+        if top_classes:
+            classes = _classifications(probabilities, top_classes, served.model.card.labels)
+            tensor = response.outputs.add(name=name, datatype=BYTES, shape=[len(probabilities), top_classes])
+            if request.raw_input_contents:
+                response.raw_output_contents.append(_bytes_tensor(classes))
+            else:
+                tensor.contents.bytes_contents.extend(classes)
+            return response
+        tensor = response.outputs.add(name=name, datatype=FP32, shape=list(probabilities.shape))
         if request.raw_input_contents:
             response.raw_output_contents.append(np.ascontiguousarray(probabilities, dtype="<f4").tobytes())
         else:
