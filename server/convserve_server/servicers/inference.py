@@ -1,5 +1,5 @@
 """The Open Inference Protocol (KServe v2) servicer, ``inference.GRPCInferenceService``, with Triton's
-model configuration, statistics and model repository extensions."""
+streaming inference and its classification, model configuration, statistics and model repository extensions."""
 
 from __future__ import annotations
 
@@ -100,6 +100,27 @@ def _classifications(probabilities: np.ndarray, count: int, labels: Sequence[str
 def _bytes_tensor(elements: list[bytes]) -> bytes:
     """A BYTES tensor's raw contents: each element as a 4-byte little-endian length, then its bytes."""
     return b"".join(len(element).to_bytes(4, "little") + element for element in elements)
+
+
+def _add_probabilities(response: pb.ModelInferResponse, served: ServedVersion, probabilities: np.ndarray,
+                       raw: bool) -> None:
+    """The model's output as an FP32 tensor: raw bytes if ``raw``, else typed values."""
+    tensor = response.outputs.add(name=served.model.card.output_name, datatype=FP32, shape=list(probabilities.shape))
+    if raw:
+        response.raw_output_contents.append(np.ascontiguousarray(probabilities, dtype="<f4").tobytes())
+    else:
+        tensor.contents.fp32_contents.extend(probabilities.ravel().tolist())
+
+
+def _add_classifications(response: pb.ModelInferResponse, served: ServedVersion, classes: list[bytes],
+                         count: int, raw: bool) -> None:
+    """The top ``count`` classes of each image as a BYTES tensor [N, count]: raw if ``raw``, else typed."""
+    tensor = response.outputs.add(name=served.model.card.output_name, datatype=BYTES,
+                                  shape=[len(classes) // count, count])
+    if raw:
+        response.raw_output_contents.append(_bytes_tensor(classes))
+    else:
+        tensor.contents.bytes_contents.extend(classes)
 
 
 def _param(value: str | int | bool | float) -> pb.InferParameter:
@@ -264,20 +285,12 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         top_classes = _classification_count(request, served)
         probabilities = await self.core.infer(served, images, deadline_of(context))
         response = pb.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
-        name = served.model.card.output_name
+        raw = bool(request.raw_input_contents)  # answered in the form the input came in
         if top_classes:
-            classes = _classifications(probabilities, top_classes, served.model.card.labels)
-            tensor = response.outputs.add(name=name, datatype=BYTES, shape=[len(probabilities), top_classes])
-            if request.raw_input_contents:
-                response.raw_output_contents.append(_bytes_tensor(classes))
-            else:
-                tensor.contents.bytes_contents.extend(classes)
-            return response
-        tensor = response.outputs.add(name=name, datatype=FP32, shape=list(probabilities.shape))
-        if request.raw_input_contents:
-            response.raw_output_contents.append(np.ascontiguousarray(probabilities, dtype="<f4").tobytes())
+            _add_classifications(response, served, _classifications(probabilities, top_classes,
+                                                                    served.model.card.labels), top_classes, raw)
         else:
-            tensor.contents.fp32_contents.extend(probabilities.ravel().tolist())
+            _add_probabilities(response, served, probabilities, raw)
         return response
 
     @rpc("ModelConfig")
