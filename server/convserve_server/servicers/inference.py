@@ -59,19 +59,14 @@ def _decode_input(request: pb.ModelInferRequest, served: ServedVersion) -> np.nd
     return fp32_from_values(tensor.contents.fp32_contents, shape, f"input {quoted(tensor.name)}")
 
 
-def _check_requested_outputs(request: pb.ModelInferRequest, served: ServedVersion) -> None:
+def _requested_classes(request: pb.ModelInferRequest, served: ServedVersion) -> int:
+    """Check the requested outputs; how many top classes Triton's classification parameter asks for (0: the
+    output as a tensor). A count above the model's classes gives them all, highest first."""
+    classes = 0
     for output in request.outputs:
         if output.name != served.model.card.output_name:
             raise ModelNotFound(f"unknown output {quoted(output.name)}; model {served.name} has "
                                 f"{quoted(served.model.card.output_name)}")
-
-
-def _classification_count(request: pb.ModelInferRequest, served: ServedVersion) -> int:
-    """How many top classes Triton's classification parameter asks for (0: the output as a tensor).
-
-    A count above the model's classes gives them all, highest first.
-    """
-    for output in request.outputs:
         if CLASSIFICATION in output.parameters:
             parameter = output.parameters[CLASSIFICATION]
             kind = parameter.WhichOneof("parameter_choice")
@@ -82,8 +77,8 @@ def _classification_count(request: pb.ModelInferRequest, served: ServedVersion) 
             if count < 1:
                 raise InvalidInput(f"output {quoted(output.name)}: the classification count must be at least 1, "
                                    f"got {count}")
-            return min(count, served.model.num_classes)
-    return 0
+            classes = min(count, served.model.num_classes)
+    return classes
 
 
 def _classifications(probabilities: np.ndarray, count: int, labels: Sequence[str]) -> list[bytes]:
@@ -281,8 +276,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         """One inference request's response (a domain error if it cannot be answered)."""
         served = self.core.resolve(request.model_name, request.model_version)
         images = _decode_input(request, served)
-        _check_requested_outputs(request, served)
-        top_classes = _classification_count(request, served)
+        top_classes = _requested_classes(request, served)
         probabilities = await self.core.infer(served, images, deadline_of(context))
         response = pb.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
         raw = bool(request.raw_input_contents)  # answered in the form the input came in
