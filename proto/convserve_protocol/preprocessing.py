@@ -40,7 +40,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import numpy as np
 
@@ -233,17 +233,24 @@ def load_image(image: ImageInput, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) ->
     declaring more than ``max_pixels`` pixels raises :class:`ImageTooLarge`
     before it is decoded.  Raises :class:`ImageError`.
     """
+    return _by_kind(image, max_pixels, _array_to_rgb, _pillow_to_rgb)
+
+
+def _by_kind(image: ImageInput, max_pixels: int, from_array: Callable[[np.ndarray], np.ndarray],
+             from_pillow: Callable[[Image.Image, str], np.ndarray]) -> np.ndarray:
+    """``from_array`` of an array; else ``from_pillow`` of a Pillow image, or of an encoded one (path or bytes)
+    opened here, with a name for the input to put in errors."""
     if isinstance(image, np.ndarray):
-        return _array_to_rgb(image)
+        return from_array(image)
     if _is_pillow_image(image):
-        return _pillow_to_rgb(image, describe_source(image))  # type: ignore[arg-type]
+        return from_pillow(image, describe_source(image))  # type: ignore[arg-type]
     encoded = _encoded(image)
     if encoded is None:
         raise ImageError(f"unsupported image input of type {type(image).__name__}", source=describe_source(image))
     data, source = encoded
     opened = _open(data, source, max_pixels)
     try:
-        return _pillow_to_rgb(opened, source)
+        return from_pillow(opened, source)
     finally:
         opened.close()
 
@@ -378,19 +385,8 @@ def _rgb_rows(image: Image.Image, top: int, left: int, width: int, rows: np.ndar
 
 
 def _fitted(image: ImageInput, spec: PreprocessingSpec, max_pixels: int) -> np.ndarray:
-    if isinstance(image, np.ndarray):
-        return fit_to_input(_array_to_rgb(image), spec)
-    if _is_pillow_image(image):
-        return _fit_pillow(image, spec, describe_source(image))  # type: ignore[arg-type]
-    encoded = _encoded(image)
-    if encoded is None:
-        raise ImageError(f"unsupported image input of type {type(image).__name__}", source=describe_source(image))
-    data, source = encoded
-    opened = _open(data, source, max_pixels)
-    try:
-        return _fit_pillow(opened, spec, source)
-    finally:
-        opened.close()
+    return _by_kind(image, max_pixels, lambda array: fit_to_input(_array_to_rgb(array), spec),
+                    lambda opened, source: _fit_pillow(opened, spec, source))
 
 
 def preprocess(image: ImageInput, spec: PreprocessingSpec, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
