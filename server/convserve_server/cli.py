@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Sequence
 
 from convserve_server import eventloop
@@ -67,6 +68,10 @@ def _freeze_startup_heap() -> None:
 
 def _configure_logging(config: ServerConfig) -> None:
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    # Pillow logs ERROR lines and warns about malformed images that callers send. The caller is answered
+    # INVALID_ARGUMENT with the reason; in the server's log these lines would only let anyone fill it.
+    logging.getLogger("PIL").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", module=r"PIL\.")
 
 
 def _run_worker(config: ServerConfig) -> int:

@@ -16,11 +16,14 @@ import pytest
 from convserve_bench.processes import (
     ServerProcess, free_port, metric_samples, wait_until_ready, wait_until_serving_metrics,
 )
+from convserve_protocol.protos import classifier_pb2 as cpb
+from convserve_protocol.protos import classifier_pb2_grpc as cpb_grpc
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server.runtime import CUDA
 
 from tests.gpu import cuda_unusable
+from tests.images import encode, tiff_with_samples_per_pixel
 from tests.models import tiny_model, write_version
 
 
@@ -165,3 +168,25 @@ def test_sigterm_with_requests_in_flight_answers_them_and_exits_zero(tiny_repo):
             process.kill()
         _, err = process.communicate()
     assert "event loop: uvloop" in err  # installed here, so used
+
+
+def test_malformed_images_from_callers_leave_no_errors_or_warnings_in_the_servers_log(tiny_repo):
+    port = free_port()
+    process = serve("--model-repository", str(tiny_repo), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu")
+    try:
+        wait_until_ready(f"127.0.0.1:{port}", process)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            classify = cpb_grpc.ClassifierStub(channel).Classify
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as refused:
+                    classify(cpb.ClassifyRequest(model_name="tiny", encoded_images=[tiff_with_samples_per_pixel(40000)]),
+                             timeout=20)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "encoded_images[0]" in refused.value.details()
+            good = encode(np.full((8, 8, 3), 200, np.uint8), "PNG")
+            assert len(classify(cpb.ClassifyRequest(model_name="tiny", encoded_images=[good]), timeout=20).results) == 1
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    assert "ready: serving tiny" in err  # the log was read, and is the server's
+    assert "PIL" not in err and " ERROR " not in err and "Warning" not in err, err
