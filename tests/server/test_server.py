@@ -290,7 +290,11 @@ async def test_expired_deadline_is_dropped_before_compute(tiny_repo, start_serve
             await stub.ModelInfer(infer_request(images(1)), timeout=0.1)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         call = stub.ModelInfer(infer_request(images(1)))
-        await asyncio.sleep(0.05)
+        deadline = asyncio.get_running_loop().time() + 10
+        # Until it is queued behind the expired call, which stays queued until the delay ends.
+        while await asyncio.to_thread(metric, server, 'convserve_queue_depth{model="tiny"}') < 2:
+            assert asyncio.get_running_loop().time() < deadline, "the call never reached the queue"
+            await asyncio.sleep(0.01)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
