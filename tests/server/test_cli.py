@@ -1,4 +1,4 @@
-"""``convserve-serve`` as a process: startup errors (one without a GPU), SIGTERM with requests in flight."""
+"""``convserve-serve`` as a process: startup errors (one without a GPU), SIGTERM with requests in flight, its log."""
 
 from __future__ import annotations
 

@@ -286,20 +286,22 @@ async def test_expired_deadline_is_dropped_before_compute(tiny_repo, start_serve
     server = await start_server(tiny_repo, max_queue_delay_us=500_000)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
         stub = pb_grpc.GRPCInferenceServiceStub(chan)
+        await stub.ServerReady(pb.ServerReadyRequest())  # connected: the 0.1 s below is spent in the queue
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.ModelInfer(infer_request(images(1)), timeout=0.1)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        depth = 'convserve_queue_depth{model="tiny"}'
+        queued_before = await asyncio.to_thread(metric, server, depth)  # the expired call stays until the delay ends
         call = stub.ModelInfer(infer_request(images(1)))
         deadline = asyncio.get_running_loop().time() + 10
-        # Until it is queued behind the expired call, which stays queued until the delay ends.
-        while await asyncio.to_thread(metric, server, 'convserve_queue_depth{model="tiny"}') < 2:
+        while await asyncio.to_thread(metric, server, depth) <= queued_before:
             assert asyncio.get_running_loop().time() < deadline, "the call never reached the queue"
             await asyncio.sleep(0.01)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
         deadline = asyncio.get_running_loop().time() + 10
-        while await asyncio.to_thread(metric, server, 'convserve_queue_depth{model="tiny"}') > 0:  # until taken
+        while await asyncio.to_thread(metric, server, depth) > 0:  # until taken
             assert asyncio.get_running_loop().time() < deadline, "the queue delay never ended"
             await asyncio.sleep(0.02)
         assert metric(server, 'convserve_batch_size_count{model="tiny"}') == 0
