@@ -168,10 +168,10 @@ class InferenceCore:
         :meth:`unload_model` are skipped until :meth:`load_model` names them again.
         """
         async with self._changing:
-            if not self._config.model_repository.is_dir():
+            found = await self._scan()
+            if found is None:
                 log.error("model repository %s is missing; serving what is loaded", self._config.model_repository)
                 return
-            found = scan_repository(self._config.model_repository)
             for name, versions in found.items():
                 if name in self._unloaded:
                     continue
@@ -201,7 +201,7 @@ class InferenceCore:
         async with self._changing:
             if self.draining:
                 raise ModelNotReady("server is draining; not loading models")
-            versions = scan_repository(self._config.model_repository).get(name)
+            versions = (await self._scan() or {}).get(name)
             if not versions:
                 raise ModelNotFound(f"no model {quoted(name)} in the repository {self._config.model_repository} "
                                     f"(expected {name}/<version>/model.onnx)")
@@ -224,7 +224,7 @@ class InferenceCore:
     async def _unload_model(self, name: str) -> None:
         async with self._changing:
             versions = self._models.pop(name, None)
-            if versions is None and name not in scan_repository(self._config.model_repository):
+            if versions is None and name not in (await self._scan() or {}):
                 raise ModelNotFound(f"unknown model {quoted(name)}; served: {', '.join(self.model_names()) or 'none'}")
             self._unloaded.add(name)
             log.info("unloaded %s", name)
@@ -274,6 +274,11 @@ class InferenceCore:
         for version, old in versions.items():
             if version not in keep:
                 await old.retire()
+
+    async def _scan(self) -> dict[str, list[VersionPath]] | None:
+        """The repository's models and versions (None if its folder is missing), read on a worker thread: with
+        many models, or on a network volume, a scan takes long enough to stall every request on the loop."""
+        return await asyncio.to_thread(_scan_if_present, self._config.model_repository)
 
     async def watch(self, interval_s: float) -> None:
         """Look for new versions every ``interval_s`` seconds until cancelled."""
@@ -358,10 +363,10 @@ class InferenceCore:
             versions_kept=config.versions_per_model,
         )
 
-    def repository_index(self) -> list[RepositoryEntry]:
+    async def repository_index(self) -> list[RepositoryEntry]:
         """Each model in the repository folder (and any served one no longer there), by name: one entry per
         loaded version, or one for the newest version on disk saying why it is not served."""
-        on_disk = scan_repository(self._config.model_repository)
+        on_disk = await self._scan() or {}
         entries = []
         for name in sorted(set(on_disk) | set(self._models)):
             if name in self._models:
@@ -434,6 +439,11 @@ class InferenceCore:
             raise
         served.statistics.record_success(time.monotonic() - started)
         return probabilities
+
+
+def _scan_if_present(repository: Path) -> dict[str, list[VersionPath]] | None:
+    """:func:`scan_repository`, or None if the repository folder is missing."""
+    return scan_repository(repository) if repository.is_dir() else None
 
 
 FileSignature = tuple[int, int, int] | None

@@ -1,10 +1,11 @@
-"""The server follows its model repository: half-written files, deleted versions, odd names and links."""
+"""The server follows its model repository: half-written files, deleted versions, odd names and links, slow volumes."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import shutil
+import time
 
 import grpc
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_server import core
 from tests.models import tiny_model, write_version
 
 
@@ -127,3 +129,30 @@ async def test_not_ready_until_the_newest_version_is_warm(tmp_path, start_server
         await warming
         assert (await stub.ServerReady(pb.ServerReadyRequest(), timeout=10)).ready
         assert (await stub.ModelReady(pb.ModelReadyRequest(name="tiny"), timeout=10)).ready
+
+
+SLOW_SCAN_S = 1.0
+
+
+async def test_reading_a_slow_repository_leaves_the_event_loop_answering(tiny_repo, start_server, monkeypatch):
+    server = await start_server(tiny_repo)
+    real_scan = core.scan_repository
+
+    def slow_scan(repository):  # a network volume, or thousands of model folders
+        time.sleep(SLOW_SCAN_S)
+        return real_scan(repository)
+
+    monkeypatch.setattr(core, "scan_repository", slow_scan)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        scans = asyncio.ensure_future(asyncio.gather(server.core.refresh(),
+                                                     stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=30)))
+        latencies = []
+        while not scans.done():
+            sent = time.monotonic()
+            assert (await stub.ModelInfer(infer_request(), timeout=30)).model_version == "1"
+            latencies.append(time.monotonic() - sent)
+        _, index = await scans
+    assert [(model.name, model.state) for model in index.models] == [("tiny", "READY")]
+    # Had a scan run on the loop, a call would have waited for most of its second.
+    assert len(latencies) >= 5 and max(latencies) < SLOW_SCAN_S / 2, latencies

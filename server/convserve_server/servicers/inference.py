@@ -307,7 +307,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
         _check_repository_request(request.repository_name)
-        entries = [entry for entry in self.core.repository_index() if entry.ready or not request.ready]
+        entries = [entry for entry in (await self.core.repository_index()) if entry.ready or not request.ready]
         return pb.RepositoryIndexResponse(models=[_index_entry(entry) for entry in entries])
 
     @rpc("RepositoryModelLoad")
