@@ -3,6 +3,7 @@ streaming inference and its classification, model configuration, statistics and 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -33,6 +34,7 @@ CLASSIFICATION = "classification"
 UINT32_MAX = 2**32 - 1
 
 
+@functools.cache  # reading the installed distribution's metadata takes about half a millisecond
 def _server_version() -> str:
     try:
         return version("convserve")
