@@ -177,10 +177,10 @@ def test_malformed_images_from_callers_leave_no_errors_or_warnings_in_the_server
         wait_until_ready(f"127.0.0.1:{port}", process)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             classify = cpb_grpc.ClassifierStub(channel).Classify
+            malformed = cpb.ClassifyRequest(model_name="tiny", encoded_images=[tiff_with_samples_per_pixel(40000)])
             for _ in range(3):
                 with pytest.raises(grpc.RpcError) as refused:
-                    classify(cpb.ClassifyRequest(model_name="tiny", encoded_images=[tiff_with_samples_per_pixel(40000)]),
-                             timeout=20)
+                    classify(malformed, timeout=20)
                 assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert "encoded_images[0]" in refused.value.details()
             good = encode(np.full((8, 8, 3), 200, np.uint8), "PNG")
