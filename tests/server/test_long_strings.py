@@ -23,7 +23,6 @@ def calls(channel: grpc.aio.Channel, name: str, version: str):
     typed = cpb_grpc.ClassifierStub(channel)
     infer_input = pb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=[1, 8, 8, 3])
     return [
-        ("ModelReady", oip.ModelReady(pb.ModelReadyRequest(name=name, version=version), timeout=10)),
         ("ModelMetadata", oip.ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), timeout=10)),
         ("ModelInfer", oip.ModelInfer(pb.ModelInferRequest(
             model_name=name, model_version=version, inputs=[infer_input],
@@ -44,6 +43,9 @@ async def test_every_method_answers_not_found_with_a_short_message(tiny_server, 
                 await call
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND, (method, caught.value.code())
             assert len(caught.value.details()) <= MAX_STATUS_MESSAGE, method
+        # ModelReady answers ready: false for any model it does not serve, as Triton does.
+        oip = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert not (await oip.ModelReady(pb.ModelReadyRequest(name=name, version=version), timeout=10)).ready
 
 
 async def test_the_sdk_reports_a_very_long_model_name_as_not_found(tiny_server):

@@ -66,8 +66,10 @@ seen["other_before_load"] = status_of(lambda: infer("other", image))
 client.load_model("other")
 seen["other_ready"] = client.is_model_ready("other")
 seen["other_probabilities"] = infer("other", image).tolist()
+seen["absent_ready"] = client.is_model_ready("absent")
 client.unload_model("tiny")
 seen["tiny_after_unload"] = status_of(lambda: infer("tiny", image))
+seen["tiny_ready_after_unload"] = client.is_model_ready("tiny")
 seen["index_after_unload"] = client.get_model_repository_index(as_json=True)["models"]
 client.load_model("tiny")
 seen["tiny_after_reload"] = infer("tiny", image).tolist()
@@ -190,6 +192,7 @@ async def test_repository_index_load_and_unload(tiny_repo, tiny_server, tmp_path
     np.testing.assert_allclose(seen["other_probabilities"], reference(tiny_repo / "other/1/model.onnx", image),
                                atol=1e-6)
     assert seen["tiny_after_unload"].startswith("StatusCode.NOT_FOUND")
+    assert seen["absent_ready"] is False and seen["tiny_ready_after_unload"] is False  # as Triton answers
     assert seen["index_after_unload"] == [
         {"name": "other", "version": "1", "state": "READY"},
         {"name": "tiny", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"},

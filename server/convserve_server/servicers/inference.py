@@ -217,7 +217,11 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc("ModelReady")
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        served = self.core.resolve(request.name, request.version)
+        # As Triton (InferenceServer::ModelIsReady): an unknown or unloaded model is not an error, only not ready.
+        try:
+            served = self.core.resolve(request.name, request.version)
+        except ModelNotFound:
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self.core.version_ready(served))
 
     @rpc("ServerMetadata")
