@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 MODELS ?= models
 PORT ?= 8500
+HOST ?= 127.0.0.1
 
 # ONNX Runtime's build, on one line: `gpu` or `cpu`, then why.  GPU=1 or GPU=0 decides; unset, the GPU build exactly
 # when nvidia-smi is on PATH (an NVIDIA driver is).  Where onnxruntime-gpu has no wheel (macOS, Linux aarch64) the
@@ -70,9 +71,10 @@ install: install-serve $(DEV_STAMP)
 train: install-serve
 	$(BIN)/convserve-train --model-repository $(MODELS) $(if $(FORCE),,--skip-if-present)
 
-## serve: train if needed, then serve $(MODELS)/ on port $(PORT)
+## serve: train if needed, then serve $(MODELS)/ on port $(PORT) of this machine only (HOST=0.0.0.0: every interface;
+## then set --auth-token or TLS, docs/deploying.md)
 serve: train
-	$(BIN)/convserve-serve --model-repository $(MODELS) --port $(PORT)
+	$(BIN)/convserve-serve --model-repository $(MODELS) --host $(HOST) --port $(PORT) --metrics-host $(HOST)
 
 ## test: the whole test suite (the soak test is left to `make soak`)
 test: install perf-deps

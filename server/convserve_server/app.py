@@ -28,6 +28,7 @@ from convserve_server.auth import BearerTokenInterceptor
 from convserve_server.config import ServerConfig
 from convserve_server.core import InferenceCore
 from convserve_server.errors import StartupError
+from convserve_server.exposure import warn_if_exposed
 from convserve_server.images import ImageDecoder
 from convserve_server.memory import MemoryReleaser
 from convserve_server.metrics import ServerMetrics
@@ -158,7 +159,9 @@ class ConvserveServer:
         await self._server.start()
         if self.metrics is not None and self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_host, self.config.metrics_port)
-        log.info("listening on %s:%d (metrics port %s)", self.config.host, self.port, self.metrics_port)
+        log.info("listening on %s:%d (%s)", self.config.host, self.port,
+                 "metrics off" if self.metrics_port is None else f"metrics port {self.metrics_port}")
+        warn_if_exposed(self.config, self.port, log)
 
     async def warm_up(self) -> None:
         """Warm every model, then report SERVING and start watching the repository."""
