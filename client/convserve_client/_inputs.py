@@ -33,9 +33,15 @@ def read_image_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
         descriptor = os.open(name, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         raise ImageError(f"{name}: cannot read: {exc.strerror or exc}", name) from exc
+    try:
+        regular = stat.S_ISREG(os.fstat(descriptor).st_mode)
+    except OSError as exc:
+        os.close(descriptor)
+        raise ImageError(f"{name}: cannot read: {exc.strerror or exc}", name) from exc
+    if not regular:  # checked before os.fdopen, which refuses a folder with EISDIR and would leak the descriptor
+        os.close(descriptor)
+        raise ImageError(f"{name}: not a regular file", name)
     with os.fdopen(descriptor, "rb") as file:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise ImageError(f"{name}: not a regular file", name)
         try:
             data = file.read(max_bytes + 1)
         except OSError as exc:

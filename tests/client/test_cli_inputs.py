@@ -39,6 +39,24 @@ async def test_a_fifo_and_a_device_are_refused_at_once_and_the_rest_classified(t
                                         "convserve-classify: /dev/zero: not a regular file"]
 
 
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd (Linux)")
+def test_a_folder_is_not_a_regular_file_and_leaks_no_descriptor(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    spec = PreprocessingSpec(8, 8)
+    with pytest.raises(ImageError, match=f"^{folder}: not a regular file$"):
+        preprocess(folder, spec)
+    before = open_descriptors()
+    for _ in range(100):
+        with pytest.raises(ImageError, match="not a regular file"):
+            load_image(str(folder))
+    assert open_descriptors() == before
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="needs a FIFO and /dev/zero")
 def test_loading_from_a_path_refuses_a_fifo_a_device_and_a_file_over_the_limit(tmp_path):
     fifo = tmp_path / "pipe.png"
