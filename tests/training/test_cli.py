@@ -112,6 +112,14 @@ def test_bad_data_dir_is_a_one_line_error_and_leaves_no_model(case, tmp_path, ca
     assert not list(repository.glob("**/.staging-*"))
 
 
+def test_a_missing_data_dir_is_refused_before_tensorflow_loads(tmp_path):
+    script = ("import sys; from convserve_training.cli import main; "
+              f"code = main(['--data-dir', {str(tmp_path / 'missing')!r}]); print(code, 'tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["1", "False"], done.stderr
+    assert done.stderr.strip() == f"convserve-train: error: --data-dir {tmp_path / 'missing'}: no such directory"
+
+
 def test_bad_flags_are_refused_before_any_work(tmp_path, capsys):
     assert main(["--epochs", "0", "--model-repository", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "convserve-train: error: epochs and batch_size must be >= 1"

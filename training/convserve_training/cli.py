@@ -85,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)
         return 2
+    if config.data_dir is not None and not config.data_dir.is_dir():  # answered before TensorFlow loads
+        print(f"{_PROG}: error: --data-dir {config.data_dir}: no such directory", file=sys.stderr)
+        return 1
     if args.skip_if_present:
         existing = present_model(config)
         if existing is not None:
