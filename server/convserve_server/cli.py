@@ -3,6 +3,10 @@
 Draining: health readiness turns NOT_SERVING at once, requests are still answered for
 ``--drain-delay-s`` (a second signal cuts that short), then new ones get UNAVAILABLE and
 accepted ones have ``--grace-period-s`` to finish.
+
+Other signals whose default action would end the process at once: SIGHUP rescans the model
+repository, as a poll would (like a daemon's reload); SIGUSR1, SIGUSR2 and SIGALRM are ignored with
+a log line.  See docs/operations.md, "Signals".
 """
 
 from __future__ import annotations
@@ -19,16 +23,31 @@ import sys
 import threading
 import time
 import warnings
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from convserve_server import eventloop
 from convserve_server.config import ServerConfig, load_config
 from convserve_server.errors import StartupError
 from convserve_server.ports import check_port_free
 
+if TYPE_CHECKING:
+    from convserve_server.app import ConvserveServer
+
 log = logging.getLogger("convserve_server")
 _PROG = "convserve-serve"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+_IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+"""Signals whose default action ends the process with no drain; the server logs and ignores them."""
+_NOT_STOPPING_SIGNALS = (signal.SIGHUP, *_IGNORED_SIGNALS)
+
+
+def _ignore_stray_signals() -> None:
+    """Until the event loop's handlers are in place (imports and model loading take seconds), these signals
+    are ignored rather than ending the process."""
+    for sig in _NOT_STOPPING_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 async def serve(config: ServerConfig) -> None:
@@ -37,22 +56,53 @@ async def serve(config: ServerConfig) -> None:
 
     server = await create_server(config)
     stop = asyncio.Event()
+    started = asyncio.Event()
+    rescans: set[asyncio.Task[None]] = set()
 
     def on_signal() -> None:
         if stop.is_set():
             server.hurry()  # a second signal: skip what is left of the drain delay
         stop.set()
 
+    def on_hangup() -> None:
+        if stop.is_set() or not started.is_set():
+            log.info("SIGHUP ignored: the server is %s", "stopping" if stop.is_set() else "starting")
+            return
+        log.info("SIGHUP: rescanning the model repository")
+        task = loop.create_task(_rescan(server))
+        rescans.add(task)
+        task.add_done_callback(rescans.discard)
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    for sig in _IGNORED_SIGNALS:
+        loop.add_signal_handler(sig, _log_ignored, sig)
     try:
         await server.start()
+        started.set()
         _freeze_startup_heap()
         await stop.wait()
         log.info("stop signal received")
     finally:
+        for task in rescans:
+            task.cancel()
         await server.shutdown()
+
+
+def _log_ignored(sig: signal.Signals) -> None:
+    log.info("%s ignored (SIGTERM or SIGINT stops the server; SIGHUP rescans the model repository)", sig.name)
+
+
+async def _rescan(server: ConvserveServer) -> None:
+    """One repository poll on request; a failure is logged, never fatal."""
+    try:
+        await server.core.refresh()
+    except Exception:
+        log.exception("model repository rescan failed")
+    else:
+        log.info("SIGHUP rescan done: serving %s", ", ".join(server.core.model_names()) or "nothing")
 
 
 def _freeze_startup_heap() -> None:
@@ -109,8 +159,17 @@ def _run_workers(config: ServerConfig) -> int:
     def forward(signum: int, frame: object) -> None:
         _stop(workers)  # SIGTERM: each worker drains on its own
 
+    def forward_hangup(signum: int, frame: object) -> None:
+        log.info("SIGHUP: asking each worker to rescan the model repository")
+        for worker in workers:
+            if worker.pid is not None and worker.is_alive():
+                os.kill(worker.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, forward_hangup)
+    for sig in _IGNORED_SIGNALS:
+        signal.signal(sig, lambda signum, frame: _log_ignored(signal.Signals(signum)))
     status = 0
     running = list(workers)
     while running:
@@ -156,6 +215,7 @@ def _terminate_with_parent(parent_pid: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit status."""
+    _ignore_stray_signals()
     try:
         config = load_config(argv)
     except ValueError as exc:

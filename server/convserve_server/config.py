@@ -24,8 +24,8 @@ class ServerConfig(BaseSettings):
     model_repository: Path = Field(Path("models"), description="model repository: <repo>/<name>/<version>/model.onnx")
     host: str = Field("0.0.0.0", description="address to listen on")
     port: int = Field(8500, ge=0, le=65535, description="gRPC port (0 picks a free one)")
-    default_model: str = Field("", description="model that calls naming none get (empty: the first model served at "
-                               "startup, in name order; a model added later never changes it)")
+    default_model: str = Field("", description="model that calls naming none get (empty: the only model at startup; "
+                               "with several, naming none is a startup error; a model added later never changes it)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N; cuda never falls back to the CPU")
     max_batch_size: int = Field(64, ge=1, le=4096, description="most images the model runs at once")
     max_queue_delay_us: int = Field(0, ge=0, le=10_000_000, description="how long after the oldest queued request "
@@ -56,6 +56,23 @@ class ServerConfig(BaseSettings):
     metrics_host: str = Field("0.0.0.0", description="address of the Prometheus metrics endpoint")
     metrics_port: int = Field(8501, ge=-1, le=65535, description="Prometheus metrics port (0 picks a free one, -1 "
                               "disables); with several workers, worker i serves its own on this port + i")
+    http_host: str = Field("0.0.0.0", description="address of the HTTP/REST endpoint (Open Inference Protocol, "
+                           "classify, the page at /)")
+    http_port: int = Field(8000, ge=-1, le=65535, description="HTTP/REST port, Triton's (0 picks a free one, -1 "
+                           "disables); with several workers, they share it as they share the gRPC port")
+    cors_origins: str = Field("", description="HTTP: comma-separated origins whose pages may call the API from a "
+                              "browser (* for any; empty: CORS off)")
+    http_max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="HTTP: largest request body, as sent; "
+                                     "a larger declared one gets 413 before it is read")
+    http_max_decompressed_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="HTTP: largest request body "
+                                             "after gzip or deflate Content-Encoding is undone; beyond, 413")
+    http_header_timeout_s: float = Field(10.0, gt=0, le=3600, description="HTTP: time a connection has to send a "
+                                         "request's headers once it is open or has sent its first byte; past it, "
+                                         "the connection is closed (the body has receive_timeout_s)")
+    http_keepalive_timeout_s: float = Field(75.0, gt=0, le=3600, description="HTTP: how long an idle connection "
+                                            "is kept open between requests")
+    http_max_connections: int = Field(1024, ge=1, description="HTTP: connections open at once; a connection "
+                                      "beyond gets 503 for its request and is closed")
     versions_per_model: int = Field(1, ge=1, description="newest versions of each model kept loaded")
     poll_interval_s: float = Field(2.0, ge=0, description="how often to look for new model versions (0: never)")
     grace_period_s: float = Field(10.0, gt=0, description="on SIGTERM, after the drain delay: time allowed to answer "
@@ -96,8 +113,9 @@ class ServerConfig(BaseSettings):
     @field_validator("auth_token")
     @classmethod
     def _check_auth_token(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().strip():
-            raise ValueError("the auth token is empty; unset it to turn authentication off")
+        # Refused, not stripped: a token that callers could never send would start a server nobody can use.
+        if value is not None:
+            _check_token_characters(value.get_secret_value())
         return value
 
     @field_validator("log_level")
@@ -132,6 +150,21 @@ class ServerConfig(BaseSettings):
     def max_queue_delay_s(self) -> float:
         """The queue delay in seconds."""
         return self.max_queue_delay_us / 1e6
+
+
+def _check_token_characters(token: str) -> None:
+    """``ValueError`` unless a caller can send ``token`` as it is after ``Bearer``: not empty, no whitespace at
+    either end (gRPC and HTTP/2 peers trim it, so it never arrives), only printable ASCII (what a gRPC metadata
+    value can carry). The message names the position, never the token."""
+    if not token.strip():
+        raise ValueError("the auth token is empty; unset it to turn authentication off")
+    if token != token.strip():
+        raise ValueError("the auth token starts or ends with whitespace (a newline left by echo or a file?), which "
+                         "no caller can send; remove it")
+    for position, character in enumerate(token, 1):
+        if not " " <= character <= "~":
+            raise ValueError(f"the auth token holds U+{ord(character):04X} at character {position}; a gRPC "
+                             "metadata value carries only printable ASCII, so no caller could send it")
 
 
 def build_parser() -> argparse.ArgumentParser:
