@@ -1,4 +1,5 @@
-"""Several models: calls naming none get the default model, which a model added later never changes."""
+"""Several models: calls naming none get the default model (named, or the only one at startup), which a model added
+later never changes; several models and no --default-model is a startup error."""
 
 from __future__ import annotations
 
@@ -42,12 +43,33 @@ async def metadata_default(port: int, name: str) -> bool:
     return reply.parameters["default"].bool_param
 
 
-async def test_without_a_flag_the_first_model_in_name_order_is_the_default(two_models, start_server):
-    server = await start_server(two_models)
+async def test_without_a_flag_several_models_are_a_startup_error_naming_them(two_models, start_server):
+    with pytest.raises(StartupError) as refused:
+        await start_server(two_models)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "2 models" in message and "(alpha, beta)" in message and "--default-model" in message
+
+
+async def test_without_a_flag_the_only_model_is_the_default(tmp_path, start_server):
+    repository = tmp_path / "models"
+    write_version(repository, "beta", 1, labels=LABELS["beta"])
+    server = await start_server(repository)
     unnamed = await info(server.port)
-    assert unnamed.name == "alpha" and unnamed.is_default
-    assert not (await info(server.port, "beta")).is_default
-    assert await metadata_default(server.port, "alpha") and not await metadata_default(server.port, "beta")
+    assert unnamed.name == "beta" and unnamed.is_default
+    assert await metadata_default(server.port, "beta")
+
+
+async def test_the_named_default_survives_a_restart_with_a_model_added(two_models, start_server):
+    first = await start_server(two_models, default_model="beta")
+    assert (await info(first.port)).name == "beta"
+    await first.shutdown(grace_s=5)
+    write_version(two_models, "aardvark", 1)  # first in name order
+    again = await start_server(two_models, default_model="beta")
+    unnamed = await info(again.port)
+    assert unnamed.name == "beta" and unnamed.is_default
+    assert not (await info(again.port, "alpha")).is_default
+    assert await metadata_default(again.port, "beta") and not await metadata_default(again.port, "aardvark")
 
 
 async def test_the_flag_names_the_default(two_models, start_server):

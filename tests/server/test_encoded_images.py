@@ -71,7 +71,7 @@ def repository(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def server(repository, start_server):
-    return await start_server(repository)
+    return await start_server(repository, default_model="digit-aspect")
 
 
 @pytest.fixture
@@ -137,8 +137,8 @@ async def test_both_a_tensor_and_encoded_images_is_invalid_argument(stub, digit_
 
 
 async def test_limits_on_bytes_pixels_and_decoded_size_are_invalid_argument_naming_them(repository, start_server):
-    server = await start_server(repository, max_image_bytes=20_000, max_encoded_request_bytes=30_000,
-                                max_image_pixels=100_000, max_message_bytes=64 * 1024)
+    server = await start_server(repository, default_model="digit-aspect", max_image_bytes=20_000,
+                                max_encoded_request_bytes=30_000, max_image_pixels=100_000, max_message_bytes=64 * 1024)
     noise = encode(np.random.default_rng(0).integers(0, 256, (70, 70, 3), dtype=np.uint8), "PNG")
     assert 10_000 < len(noise) < 15_000
     digit = encode(np.zeros((8, 8), np.uint8), "PNG")

@@ -71,7 +71,7 @@ async def test_a_model_with_every_version_deleted_is_no_longer_served(tmp_path, 
     repository = tmp_path / "models"
     write_version(repository, "tiny", 1)
     write_version(repository, "other", 1)
-    server = await start_server(repository)
+    server = await start_server(repository, default_model="tiny")
     shutil.rmtree(repository / "other")
     await server.core.refresh()
     assert server.core.model_names() == ["tiny"]
@@ -104,7 +104,7 @@ async def test_links_are_followed_inside_the_repository_and_ignored_out_of_it(tm
     (repository / "alias").symlink_to(repository / "tiny", target_is_directory=True)
     write_version(outside, "tiny", 7)
     (repository / "tiny" / "7").symlink_to(outside / "tiny" / "7", target_is_directory=True)
-    server = await start_server(repository)
+    server = await start_server(repository, default_model="tiny")
     assert server.core.model_names() == ["alias", "tiny"]
     assert server.core.versions("tiny") == [1]
     assert await infer_code(server, "stray") == grpc.StatusCode.NOT_FOUND
