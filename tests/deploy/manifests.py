@@ -84,7 +84,7 @@ def render_components(names: list[str], scratch: Path) -> tuple[Manifest, ...]:
 
 def load_kserve() -> dict[str, Manifest]:
     """deploy/kserve's objects by kind."""
-    objects = [document for path in sorted(KSERVE.glob("*.yaml"))
+    objects = [document for path in sorted(KSERVE.glob("*.yaml")) if path.name != "kustomization.yaml"
                for document in yaml.safe_load_all(path.read_text()) if document]
     return {document["kind"]: document for document in objects}
 

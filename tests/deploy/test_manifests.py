@@ -9,6 +9,7 @@ and that the probes and the drain settings agree with each other.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shlex
 import subprocess
@@ -107,8 +108,8 @@ def test_all_components_compose_into_valid_objects(tmp_path, version):
     problems = [p for o in objects if is_built_in(o) for p in schema_problems(o, version)]
     assert not problems, "\n".join(problems)
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == sorted(["Deployment", "Service", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler",
-                            "PersistentVolumeClaim", "Job", "ServiceMonitor"])
+    assert kinds == sorted(["Namespace", "Deployment", "Service", "Service", "PodDisruptionBudget",
+                            "HorizontalPodAutoscaler", "PersistentVolumeClaim", "Job", "ServiceMonitor"])
 
 
 def test_each_overlay_is_the_base_plus_its_own_component():
@@ -162,12 +163,43 @@ def test_server_arguments_parse_with_the_servers_own_config_loader(overlay):
     assert config.device == {"cpu": "cpu", "gpu": "cuda"}.get(overlay, "auto")
 
 
+def intra_op_threads_from_the_cpu_limit(container: Manifest) -> int:
+    """CONVSERVE_INTRA_OP_THREADS as the kubelet resolves its resourceFieldRef: limits.cpu / divisor, rounded up."""
+    variable = next(e for e in container["env"] if e["name"] == "CONVSERVE_INTRA_OP_THREADS")
+    reference = variable["valueFrom"]["resourceFieldRef"]
+    assert reference["resource"] == "limits.cpu" and reference["containerName"] == container["name"]
+    return math.ceil(cpu_cores(container["resources"]["limits"]["cpu"]) / cpu_cores(reference["divisor"]))
+
+
+def cpu_cores(quantity: str | int) -> float:
+    """A CPU quantity ("2", "500m") in cores."""
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
 @needs_kustomize
-def test_the_cpu_overlay_gives_onnx_runtime_as_many_threads_as_the_cpu_limit():
-    container = server_container(find(render_overlay("cpu"), "Deployment"))
-    flags = flag_values(container["args"])
-    assert flags["device"] == "cpu"
-    assert int(flags["intra-op-threads"]) == int(container["resources"]["limits"]["cpu"])
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
+def test_onnx_runtime_threads_of_all_instances_add_up_to_the_cpu_limit(overlay):
+    container = server_container(find(render_overlay(overlay), "Deployment"))
+    instances = int(flag_values(container["args"])["model-instances"])
+    threads = intra_op_threads_from_the_cpu_limit(container)
+    assert "intra-op-threads" not in flag_values(container["args"])  # a flag would win over the variable
+    assert threads * instances == cpu_cores(container["resources"]["limits"]["cpu"])
+
+
+def test_the_kserve_runtime_derives_its_threads_from_the_cpu_limit_too(kserve):
+    container = kserve["ServingRuntime"]["spec"]["containers"][0]
+    instances = int(flag_values(container["args"])["model-instances"])
+    limits = kserve["InferenceService"]["spec"]["predictor"]["model"]["resources"]["limits"]
+    resolved = intra_op_threads_from_the_cpu_limit({**container, "resources": {"limits": limits}})
+    assert resolved * instances == cpu_cores(limits["cpu"])
+
+
+def test_the_thread_derivation_rounds_up_as_the_kubelet_does():
+    container = {"name": "server", "resources": {"limits": {"cpu": "1500m"}}, "env": [{
+        "name": "CONVSERVE_INTRA_OP_THREADS",
+        "valueFrom": {"resourceFieldRef": {"containerName": "server", "resource": "limits.cpu", "divisor": "1"}}}]}
+    assert intra_op_threads_from_the_cpu_limit(container) == 2
 
 
 @needs_kustomize
@@ -262,6 +294,19 @@ def test_the_autoscaler_owns_the_replica_count_and_scales_on_cpu():
 
 
 @needs_kustomize
+def test_the_base_installs_the_default_model_into_the_pods_own_volume():
+    pod = find(render_overlay("base"), "Deployment")["spec"]["template"]["spec"]
+    (install,) = pod["initContainers"]
+    assert install["image"].startswith("convserve-trainer:")
+    assert install["args"][install["args"].index("--model-repository") + 1] == "/models"
+    assert "--skip-if-present" in install["args"]
+    assert any(m["name"] == "models" and m["mountPath"] == "/models" and not m.get("readOnly")
+               for m in install["volumeMounts"])
+    volume = next(v for v in pod["volumes"] if v["name"] == "models")
+    assert set(volume) == {"name", "emptyDir"}
+
+
+@needs_kustomize
 def test_the_training_job_fills_the_claim_the_servers_mount():
     objects = render_overlay("models")
     claim = find(objects, "PersistentVolumeClaim")["metadata"]["name"]
@@ -274,8 +319,10 @@ def test_the_training_job_fills_the_claim_the_servers_mount():
     repository = train["args"][train["args"].index("--model-repository") + 1]
     assert any(m["name"] == "models" and m["mountPath"] == repository and not m.get("readOnly")
                for m in train["volumeMounts"])
-    waiting = find(objects, "Deployment")["spec"]["template"]["spec"]["initContainers"][0]
-    assert "/models/*/*/model.onnx" in waiting["command"][-1]
+    (waiting,) = find(objects, "Deployment")["spec"]["template"]["spec"]["initContainers"]  # install-model gone
+    assert waiting["name"] == "wait-for-model" and "/models/*/*/model.onnx" in waiting["command"][-1]
+    volume = next(v for v in find(objects, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == "models")
+    assert set(volume) == {"name", "persistentVolumeClaim"}  # the base's emptyDir is gone
 
 
 @needs_kustomize
