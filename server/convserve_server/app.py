@@ -7,8 +7,9 @@
                                               # answer accepted work, stop
 
 Health service names: ``liveness`` is SERVING from the moment the server listens until it stops;
-``readiness`` (and ``""`` and the two API services' names) is SERVING once every model is warm and
-until shutdown begins.  Any other name is NOT_FOUND.
+``readiness`` (and ``""`` and the two API services' names) follows ServerReady: SERVING once every model
+is warm, NOT_SERVING while no model is served (the only one unloaded) and again SERVING when one is
+loaded, and NOT_SERVING for good once shutdown begins.  Any other name is NOT_FOUND.
 """
 
 from __future__ import annotations
@@ -147,14 +148,30 @@ class ConvserveServer:
         self._watcher: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._hurry = asyncio.Event()
+        self._readiness_lock = asyncio.Lock()
+        self._readiness_updates: set[asyncio.Task[None]] = set()
+        core.on_readiness_change(self._on_readiness_change)
 
-    async def _set_readiness(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        for service in READINESS_NAMES:
-            await self.health.set(service, status)
+    def _on_readiness_change(self, ready: bool) -> None:
+        task = asyncio.get_running_loop().create_task(self._publish_readiness())
+        self._readiness_updates.add(task)
+        task.add_done_callback(self._readiness_updates.discard)
+
+    async def _publish_readiness(self) -> None:
+        """Set the readiness names to what the core says now: SERVING if and only if ServerReady is true.
+
+        Read under the lock rather than passed in, so that of several quick changes the last one is what
+        stays; once shutdown has begun the core is never ready again, so NOT_SERVING wins.
+        """
+        async with self._readiness_lock:
+            ready = self.core.ready
+            for service in READINESS_NAMES:
+                await self.health.set(service, health_pb2.HealthCheckResponse.SERVING if ready
+                                      else health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def start_listening(self) -> None:
         """Accept connections; ``liveness`` says SERVING, the rest NOT_SERVING until :meth:`warm_up` is done."""
-        await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._publish_readiness()  # not warm yet: NOT_SERVING
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._server.start()
         if self.metrics is not None and self.config.metrics_port >= 0:
@@ -166,7 +183,7 @@ class ConvserveServer:
     async def warm_up(self) -> None:
         """Warm every model, then report SERVING and start watching the repository."""
         await self.core.warm_up()
-        await self._set_readiness(health_pb2.HealthCheckResponse.SERVING)
+        await self._publish_readiness()
         if self.config.poll_interval_s > 0:
             self._watcher = asyncio.get_running_loop().create_task(self.core.watch(self.config.poll_interval_s))
         log.info("ready: serving %s", ", ".join(self.core.model_names()))
@@ -186,7 +203,7 @@ class ConvserveServer:
         grace = self.config.grace_period_s if grace_s is None else grace_s
         delay = self.config.drain_delay_s if drain_delay_s is None else drain_delay_s
         self.core.begin_shutdown()
-        await self._set_readiness(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._publish_readiness()  # NOT_SERVING from now on
         if self._watcher is not None:
             self._watcher.cancel()
         if delay > 0:

@@ -30,6 +30,8 @@ from convserve_server.verification import Verification, verify
 log = logging.getLogger(__name__)
 
 ObserverFactory = Callable[[str], BatchObserver | None]
+ReadinessListener = Callable[[bool], None]
+"""Called with the new value of :attr:`InferenceCore.ready` each time it changes."""
 
 
 
@@ -65,6 +67,7 @@ class ServedVersion:
         self.verification = await asyncio.to_thread(verify, self.model, self.name, self.version,
                                                     self._config.allow_unverified)
         self.batcher.start()
+        await self.batcher.calibrate(np.zeros((self._config.max_batch_size, *self.model.input_shape), np.float32))
         log.info("model %s v%d ready on %s (%d instances), %s", self.name, self.version, self.model.provider,
                  self._config.model_instances, self.verification.summary())
 
@@ -126,6 +129,8 @@ class InferenceCore:
         self.shutting_down = False  # not ready from here on; requests are still answered until the drain
         self.draining = False
         self.shutdown_gate = ShutdownGate()  # which calls may start work; the server closes it to drain
+        self._readiness_listeners: list[ReadinessListener] = []
+        self._reported_ready = False
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -166,6 +171,21 @@ class InferenceCore:
         for versions in self._models.values():
             for served in versions.values():
                 await served.warm_up()
+        self._check_readiness()
+
+    def on_readiness_change(self, listener: ReadinessListener) -> None:
+        """Call ``listener(ready)`` on the event loop each time :attr:`ready` changes: after warm-up, a load,
+        an unload, a poll or a rescan, and when shutdown begins (after which it never turns true again)."""
+        self._readiness_listeners.append(listener)
+
+    def _check_readiness(self) -> None:
+        """Tell the listeners if :attr:`ready` is not what they were last told."""
+        ready = self.ready
+        if ready == self._reported_ready:
+            return
+        self._reported_ready = ready
+        for listener in self._readiness_listeners:
+            listener(ready)
 
     async def refresh(self) -> None:
         """Follow the repository: load new versions off to the side and swap them in, refuse bad ones (until
@@ -192,6 +212,7 @@ class InferenceCore:
                     except ModelLoadFailed as exc:  # a bad new version must never stop the old one serving
                         log.error("%s", exc)
             await self._retire_deleted(found)
+            self._check_readiness()
 
     async def load_model(self, name: str) -> None:
         """Serve ``name`` from the repository, or pick up its new versions, without a restart.
@@ -218,6 +239,7 @@ class InferenceCore:
             for source in self._newer_than_served(name, versions):
                 self._refused.pop(source.path, None)
                 await self._load_and_swap_in(source, on_disk)
+                self._check_readiness()
 
     async def unload_model(self, name: str) -> None:
         """Stop serving ``name``: it answers NOT_FOUND at once, and queued requests are still answered.
@@ -236,6 +258,7 @@ class InferenceCore:
                 raise ModelNotFound(f"unknown model {quoted(name)}; served: {', '.join(self.model_names()) or 'none'}")
             self._unloaded.add(name)
             log.info("unloaded %s", name)
+            self._check_readiness()  # before the queue is answered: balancers stop sending new calls now
             if versions:
                 await asyncio.gather(*(served.retire() for served in versions.values()))
 
@@ -301,6 +324,7 @@ class InferenceCore:
         """Report not ready from now on (ServerReady, ModelReady, the repository index), still answering
         requests until :meth:`drain`."""
         self.shutting_down = True
+        self._check_readiness()
 
     async def drain(self) -> None:
         """Refuse new requests and answer every accepted one."""
