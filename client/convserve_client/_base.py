@@ -12,7 +12,7 @@ from convserve_client._inputs import DEFAULT_MAX_IMAGE_BYTES
 from convserve_client.errors import ImageError
 from convserve_client.preprocessing import ImageInput
 from convserve_client.targets import channel_target
-from convserve_client.types import Classification, RetryPolicy
+from convserve_client.types import Classification, ModelInfo, RetryPolicy
 
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -66,9 +66,19 @@ class BaseClient:
         """Set up what runs a classify call's requests concurrently (a client with threads needs a pool)."""
 
     def _classify_plan(self, images: ImageInput | Sequence[ImageInput], top_k: int, include_probabilities: bool,
-                       errors: Literal["raise", "return"]) -> _core.Plan[list[Classification | ImageError]]:
-        return _core.classify(images, self._settings, self._state,
+                       errors: Literal["raise", "return"], model_name: str | None,
+                       model_version: str | None) -> _core.Plan[list[Classification | ImageError]]:
+        return _core.classify(images, self._settings, self._state, self._settings.target(model_name, model_version),
                               _core.ClassifyOptions(top_k, include_probabilities, errors))
+
+    def _model_info_plan(self, model_name: str | None, model_version: str | None,
+                         refresh: bool) -> _core.Plan[ModelInfo]:
+        if not isinstance(refresh, bool):
+            raise TypeError(f"refresh must be True or False, got {refresh!r}")
+        return _core.model_info(self._settings, self._state, self._settings.target(model_name, model_version), refresh)
+
+    def _ready_plan(self, timeout: float, model_name: str | None, model_version: str | None) -> _core.Plan[None]:
+        return _core.wait_until_ready(self._settings, self._settings.target(model_name, model_version), timeout)
 
     def _invoke(self, rpc: _core.Rpc) -> Any:
         """Start one call: its response (or, for ``grpc.aio``, an awaitable of it)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Generic, Literal, NamedTuple, Sequence, TypeVar, Union
 
 import grpc
@@ -29,6 +29,7 @@ from convserve_client.errors import (
     ImageError,
     InvalidArgumentError,
     MessageTooLargeError,
+    NotFoundError,
     from_rpc_error,
     is_retryable,
 )
@@ -119,9 +120,22 @@ class Settings:
     max_image_bytes: int = _inputs.DEFAULT_MAX_IMAGE_BYTES
     preprocess: Literal["client", "server"] = "client"
 
+    def target(self, model_name: str | None = None, model_version: str | None = None) -> Target:
+        """The model a call asks for: its own choices, else the client's (``None`` leaves each to the client)."""
+        for argument, value in (("model_name", model_name), ("model_version", model_version)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{argument} must be a string, got {type(value).__name__}")
+        return Target(self.model_name if model_name is None else model_name,
+                      self.model_version if model_version is None else model_version)
 
-def call(method: Method, request: Any, settings: Settings, clock: Callable[[], float] = time.monotonic) -> Plan[Any]:
-    """One unary call within ``settings.timeout`` s, retried on UNAVAILABLE and RESOURCE_EXHAUSTED."""
+
+def call(method: Method, request: Any, settings: Settings, clock: Callable[[], float] = time.monotonic, *,
+         retry_not_found: bool = False) -> Plan[Any]:
+    """One unary call within ``settings.timeout`` s, retried on UNAVAILABLE and RESOURCE_EXHAUSTED.
+
+    With ``retry_not_found``, NOT_FOUND is retried too: a request for a version chosen by the client may reach a
+    replica that does not serve it (yet, or any more), and each attempt is balanced to a replica afresh.
+    """
     deadline = clock() + settings.timeout
     attempt = 0
     last_error = ""
@@ -136,14 +150,16 @@ def call(method: Method, request: Any, settings: Settings, clock: Callable[[], f
             return reply
         error = from_rpc_error(reply)
         last_error = f"; last error: {error}"
-        if not is_retryable(error) or attempt >= settings.retry.max_attempts:
+        retryable = is_retryable(error) or (retry_not_found and isinstance(error, NotFoundError))
+        if not retryable or attempt >= settings.retry.max_attempts:
             raise error from reply
         yield Pause(min(settings.retry.backoff(attempt), max(0.0, deadline - clock())))
 
 
-def wait_until_ready(settings: Settings, timeout: float, clock: Callable[[], float] = time.monotonic) -> Plan[None]:
+def wait_until_ready(settings: Settings, target: Target, timeout: float,
+                     clock: Callable[[], float] = time.monotonic) -> Plan[None]:
     """Ask ModelReady until it says yes; ``DeadlineExceededError`` after ``timeout`` s."""
-    request = grpc_predict_v2_pb2.ModelReadyRequest(name=settings.model_name, version=settings.model_version)
+    request = grpc_predict_v2_pb2.ModelReadyRequest(name=target.model_name, version=target.model_version)
     deadline = clock() + timeout
     last_error = "no answer"
     while (remaining := deadline - clock()) > 0:
@@ -161,23 +177,47 @@ def wait_until_ready(settings: Settings, timeout: float, clock: Callable[[], flo
     raise DeadlineExceededError(f"server not ready after {timeout:g} s: {last_error}")
 
 
+class Target(NamedTuple):
+    """The model a call asked for: a name ("" for the server's default) and a version ("" for its newest)."""
+
+    model_name: str
+    model_version: str
+
+
 @dataclass
 class State:
-    """What a client learns from its server and keeps between calls."""
+    """What a client learns from its servers and keeps between calls."""
 
-    info: ModelInfo | None = None
-    """The served model's description, refreshed when the served version changes."""
+    latest: dict[Target, ModelInfo] = field(default_factory=dict)
+    """The description last given for each target asked for; a call for that target preprocesses with it first."""
+    by_version: dict[tuple[str, str], ModelInfo] = field(default_factory=dict)
+    """Every description seen, by (model name, version): a version's description is the same on every replica."""
     message_limit: int | None = None
     """Most bytes a request may have, once a server has refused a larger one."""
 
+    def remember(self, info: ModelInfo, target: Target | None = None) -> None:
+        """Keep ``info`` as its version's description and, with a ``target``, as that target's latest."""
+        self.by_version[(info.name, info.version)] = info
+        if target is not None:
+            self.latest[target] = info
 
-def model_info(settings: Settings, state: State, refresh: bool = False) -> Plan[ModelInfo]:
-    """The served model's description: asked of the server the first time, when ``refresh``, else remembered."""
-    if state.info is None or refresh:
-        request = classifier_pb2.GetModelInfoRequest(model_name=settings.model_name,
-                                                     model_version=settings.model_version)
-        state.info = _wire.parse_model_info((yield from call(Method.MODEL_INFO, request, settings)))
-    return state.info
+
+def model_info(settings: Settings, state: State, target: Target, refresh: bool = False) -> Plan[ModelInfo]:
+    """The description of ``target``'s model: asked of the server the first time, when ``refresh``, else remembered."""
+    if refresh or target not in state.latest:
+        request = classifier_pb2.GetModelInfoRequest(model_name=target.model_name, model_version=target.model_version)
+        state.remember(_wire.parse_model_info((yield from call(Method.MODEL_INFO, request, settings))), target)
+    return state.latest[target]
+
+
+def version_info(settings: Settings, state: State, name: str, version: str) -> Plan[ModelInfo]:
+    """The description of version ``version`` of ``name``: remembered, or asked for by version, of a replica that
+    serves it (another one is tried while one answers NOT_FOUND)."""
+    if (name, version) not in state.by_version:
+        request = classifier_pb2.GetModelInfoRequest(model_name=name, model_version=version)
+        reply = yield from call(Method.MODEL_INFO, request, settings, retry_not_found=True)
+        state.remember(_wire.parse_model_info(reply))
+    return state.by_version[(name, version)]
 
 
 class Parallel(NamedTuple):
@@ -205,17 +245,21 @@ class ClassifyJob:
 
     Each input is a tensor row (preprocessed here), encoded bytes (preprocessed by the server, with
     ``Settings.preprocess == "server"``; arrays are always sent as rows) or its :class:`ImageError`.
+
+    Rows are preprocessed with the description the call starts with (``info``).  A request of rows reaches
+    whichever replica the balancer picks; when the version that answered is not the described one and
+    preprocesses differently (or refuses the rows' shape), the request is preprocessed again with the
+    description of a version and sent pinned to that version, so that rows always meet the version they were
+    made for, whichever replica answers.  Every result names the model and version that produced it.
     """
 
     def __init__(self, info: ModelInfo, inputs: Sequence[ImageInput], settings: Settings, state: State,
-                 options: ClassifyOptions) -> None:
-        self.info, self.settings, self.state, self.options = info, settings, state, options
+                 options: ClassifyOptions, target: Target) -> None:
+        self.info, self.settings, self.state, self.options, self.target = info, settings, state, options, target
         self.inputs = inputs
         self.rows: dict[int, np.ndarray] = {}
         self.encoded: dict[int, bytes] = {}
         self.errors: dict[int, ImageError] = {}
-        self.served_versions: set[str] = set()
-        """The versions that answered, to notice a hot swap."""
         for index, image in enumerate(inputs):
             try:
                 self._prepare(index, image)
@@ -253,20 +297,33 @@ class ClassifyJob:
                    for start, stop in _wire.pack_by_size(sizes, rows_limit, encoded_total)]
         return chunks
 
-    def request(self, positions: Sequence[int]) -> classifier_pb2.ClassifyRequest:
-        """The request for the inputs at ``positions`` (all rows, or all encoded)."""
-        options, name, version = self.options, self.info.name, self.settings.model_version
+    def _batch(self, positions: Sequence[int], info: ModelInfo) -> np.ndarray:
+        """The rows at ``positions``, preprocessed for ``info``'s version."""
+        if info.preprocessing == self.info.preprocessing:
+            return np.stack([self.rows[p] for p in positions])
+        max_bytes = self.settings.max_image_bytes
+        return np.stack([preprocess(self.inputs[p], info.preprocessing, max_bytes=max_bytes) for p in positions])
+
+    def request(self, positions: Sequence[int], info: ModelInfo | None = None) -> classifier_pb2.ClassifyRequest:
+        """The request for the inputs at ``positions`` (all rows, or all encoded): for the version the caller
+        asked for, or, given ``info``, preprocessed for its version and pinned to it."""
+        options = self.options
+        name, version = self.info.name, self.target.model_version
         if positions[0] in self.encoded:
             return _wire.encoded_classify_request([self.encoded[p] for p in positions], name, version,
                                                   options.top_k, options.include_probabilities)
-        return _wire.classify_request(np.stack([self.rows[p] for p in positions]), name, version,
+        if info is not None:
+            name, version = info.name, info.version
+        return _wire.classify_request(self._batch(positions, info or self.info), name, version,
                                       options.top_k, options.include_probabilities)
 
     def chunk_plan(self, positions: tuple[int, ...]) -> Plan[Outcome]:
         """Send one request and return its results.
 
         A message over the server's limit teaches the client that limit and is sent again in two halves;
-        an encoded image the server cannot decode becomes that input's error and the rest are sent again.
+        an encoded image the server cannot decode becomes that input's error and the rest are sent again;
+        rows that met another version than the one they were made for are sent again as that version's (or
+        the described version's) rows, pinned to it.
         """
         request = self.request(positions)
         try:
@@ -277,19 +334,65 @@ class ClassifyJob:
         except InvalidArgumentError as exc:
             if (limit := _wire.model_input_limit(exc.message)) is not None:
                 return (yield from self._split(positions, exc, limit))
-            blamed = _wire.bad_encoded_image(exc.message) if positions[0] in self.encoded else None
-            if blamed is None or blamed[0] >= len(positions):
-                raise
-            bad = positions[blamed[0]]
-            source = describe_source(self.inputs[bad])
-            reason = blamed[1].removeprefix(f"{describe_source(self.encoded[bad])}: ")  # the server's name for it
-            error = ImageError(f"{source}: {reason}", source, bad)
-            if self.options.errors == "raise":
-                raise error from exc
-            rest = tuple(position for position in positions if position != bad)
-            return {bad: error} | ((yield from self.chunk_plan(rest)) if rest else {})
-        self.served_versions.add(response.model_version)
+            if self._follows_versions(positions) and _wire.is_wrong_shape(exc.message):
+                return (yield from self._after_wrong_shape(positions))
+            return (yield from self._without_bad_image(positions, exc))
+        if self._follows_versions(positions) and response.model_version != self.info.version:
+            answered = yield from version_info(self.settings, self.state, response.model_name, response.model_version)
+            self._note_newer(answered)
+            if answered.preprocessing != self.info.preprocessing:
+                return (yield from self._pinned_plan(positions, answered))
+        return self._outcome(positions, response)
+
+    def _follows_versions(self, positions: Sequence[int]) -> bool:
+        """Whether these inputs are rows whose version the client chose (not the caller, not the server)."""
+        return not self.target.model_version and positions[0] in self.rows
+
+    def _outcome(self, positions: Sequence[int], response: classifier_pb2.ClassifyResponse) -> Outcome:
         return dict(zip(positions, _wire.parse_classify_response(response, len(positions))))
+
+    def _note_newer(self, info: ModelInfo) -> None:
+        """Start the next calls for this target with ``info`` if it describes a newer version than they would."""
+        latest = self.state.latest.get(self.target)
+        if latest is None or _version_order(info.version) > _version_order(latest.version):
+            self.state.latest[self.target] = info
+
+    def _after_wrong_shape(self, positions: tuple[int, ...]) -> Plan[Outcome]:
+        """The replica that answered serves another input size: ask for the description again, and send the rows
+        made for the version it names, pinned to it (the described version's own rows if it names that one)."""
+        log.info("the served model changed; asking for its description again")
+        fresh = yield from model_info(self.settings, self.state, self.target, refresh=True)
+        _wire.check_top_k(self.options.top_k, len(fresh.labels))
+        return (yield from self._pinned_plan(positions, fresh))
+
+    def _pinned_plan(self, positions: tuple[int, ...], info: ModelInfo, second: bool = False) -> Plan[Outcome]:
+        """Send the rows at ``positions`` preprocessed for ``info``'s version and pinned to it; if no replica
+        serves that version any more, once more with the description the server gives now."""
+        try:
+            response = yield from call(Method.CLASSIFY, self.request(positions, info), self.settings,
+                                       retry_not_found=True)
+        except NotFoundError:
+            if second:
+                raise
+            fresh = yield from model_info(self.settings, self.state, self.target, refresh=True)
+            if (fresh.name, fresh.version) == (info.name, info.version):
+                raise
+            return (yield from self._pinned_plan(positions, fresh, second=True))
+        return self._outcome(positions, response)
+
+    def _without_bad_image(self, positions: tuple[int, ...], refusal: InvalidArgumentError) -> Plan[Outcome]:
+        """The encoded image the server blames becomes that input's error, and the rest are sent again."""
+        blamed = _wire.bad_encoded_image(refusal.message) if positions[0] in self.encoded else None
+        if blamed is None or blamed[0] >= len(positions):
+            raise refusal
+        bad = positions[blamed[0]]
+        source = describe_source(self.inputs[bad])
+        reason = blamed[1].removeprefix(f"{describe_source(self.encoded[bad])}: ")  # the server's name for it
+        error = ImageError(f"{source}: {reason}", source, bad)
+        if self.options.errors == "raise":
+            raise error from refusal
+        rest = tuple(position for position in positions if position != bad)
+        return {bad: error} | ((yield from self.chunk_plan(rest)) if rest else {})
 
     def _split(self, positions: tuple[int, ...], refusal: Exception, limit: int) -> Plan[Outcome]:
         """Remember the server's ``limit`` on a request's bytes and send ``positions`` again in two halves."""
@@ -310,38 +413,27 @@ class ClassifyJob:
             merged |= outcome
         return [merged[index] for index in range(len(self.inputs))]
 
-    def needs_new_info(self) -> bool:
-        """Whether a version other than the one described answered: the model was swapped under the client."""
-        return not self.settings.model_version and bool(self.served_versions - {self.info.version})
+
+def _version_order(version: str) -> tuple[int, str]:
+    """A key that sorts version names as numbers where they are numbers."""
+    return (int(version), "") if version.isdigit() else (-1, version)
 
 
-def classify(images: ImageInput | Sequence[ImageInput], settings: Settings, state: State,
+def classify(images: ImageInput | Sequence[ImageInput], settings: Settings, state: State, target: Target,
              options: ClassifyOptions) -> Plan[list[Classification | ImageError]]:
-    """Classify ``images``, following a hot swap of the served model.
+    """Classify ``images`` with ``target``'s model, following a hot swap or replicas at different versions.
 
-    The model's description is remembered between calls.  When the server says the images have the
-    wrong shape (another input size is served now), the description is fetched again and the call
-    made once more; when another version answered, the description is refreshed for the next calls,
-    and this call is made again if the new version preprocesses differently.
+    The model's description is remembered between calls and the images are preprocessed with it; see
+    :class:`ClassifyJob` for what happens when another version answers.
     """
     inputs = _wire.as_image_list(images)
-    info = yield from model_info(settings, state)
+    info = yield from model_info(settings, state, target)
     _wire.check_top_k(options.top_k, len(info.labels))
-    for attempt in (1, 2):
-        job = ClassifyJob(info, inputs, settings, state, options)
-        if job.first_error is not None and options.errors == "raise":
-            raise job.first_error
-        outcomes = yield Parallel([job.chunk_plan(chunk) for chunk in job.chunks()])
-        failure = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
-        wrong_shape = isinstance(failure, InvalidArgumentError) and _wire.is_wrong_shape(failure.message)
-        if failure is not None and not (wrong_shape and attempt == 1):
-            raise failure
-        if failure is None and not job.needs_new_info():
-            return job.results(outcomes)
-        log.info("the served model changed; asking for its description again")
-        old_spec = info.preprocessing
-        info = yield from model_info(settings, state, refresh=True)
-        _wire.check_top_k(options.top_k, len(info.labels))
-        if failure is None and (info.preprocessing == old_spec or not job.rows):
-            return job.results(outcomes)
-    raise AssertionError("unreachable: the second attempt returns or raises")
+    job = ClassifyJob(info, inputs, settings, state, options, target)
+    if job.first_error is not None and options.errors == "raise":
+        raise job.first_error
+    outcomes = yield Parallel([job.chunk_plan(chunk) for chunk in job.chunks()])
+    failure = next((outcome for outcome in outcomes if isinstance(outcome, BaseException)), None)
+    if failure is not None:
+        raise failure
+    return job.results(outcomes)

@@ -107,13 +107,16 @@ def is_wrong_shape(message: str) -> bool:
 
 
 def parse_classify_response(response: classifier_pb2.ClassifyResponse, expected: int) -> list[Classification]:
-    """The typed results of one response; checks it answers every image sent."""
+    """The typed results of one response, each naming the model and version that answered; checks it answers
+    every image sent."""
     if len(response.results) != expected:
         raise ConvserveError(f"server answered {len(response.results)} results for {expected} images")
     return [
         Classification(
             top_k=tuple(Prediction(p.label, p.score, p.class_index) for p in result.top_k),
             probabilities=np.asarray(result.probabilities, dtype=np.float32) if result.probabilities else None,
+            model_name=response.model_name,
+            model_version=response.model_version,
         )
         for result in response.results
     ]

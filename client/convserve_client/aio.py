@@ -32,19 +32,23 @@ class AsyncClient(BaseClient):
         """Close the channel."""
         await self._channel.close()
 
-    async def wait_until_ready(self, timeout: float = 30.0) -> None:
-        """Wait until the server says its model is ready; ``DeadlineExceededError`` after ``timeout`` s."""
-        await self._run(_core.wait_until_ready(self._settings, timeout))
+    async def wait_until_ready(self, timeout: float = 30.0, *, model_name: str | None = None,
+                               model_version: str | None = None) -> None:
+        """Wait until the server says the model is ready; see :meth:`convserve_client.Client.wait_until_ready`."""
+        await self._run(self._ready_plan(timeout, model_name, model_version))
 
-    async def model_info(self, refresh: bool = False) -> ModelInfo:
-        """The served model's labels, input size and preprocessing spec (remembered; see :meth:`classify`)."""
-        return await self._run(_core.model_info(self._settings, self._state, refresh))
+    async def model_info(self, model_name: str | None = None, model_version: str | None = None, *,
+                         refresh: bool = False) -> ModelInfo:
+        """A model's description; see :meth:`convserve_client.Client.model_info`."""
+        return await self._run(self._model_info_plan(model_name, model_version, refresh))
 
     async def classify(self, images: ImageInput | Sequence[ImageInput], *, top_k: int = 1,
-                       include_probabilities: bool = False,
-                       errors: Literal["raise", "return"] = "raise") -> list[Classification | ImageError]:
+                       include_probabilities: bool = False, errors: Literal["raise", "return"] = "raise",
+                       model_name: str | None = None,
+                       model_version: str | None = None) -> list[Classification | ImageError]:
         """Classify images of any supported kind; see :meth:`convserve_client.Client.classify`."""
-        return await self._run(self._classify_plan(images, top_k, include_probabilities, errors))
+        return await self._run(self._classify_plan(images, top_k, include_probabilities, errors, model_name,
+                                                   model_version))
 
     async def _run(self, plan: _core.Plan[T]) -> T:
         run = _core.PlanRun(plan)

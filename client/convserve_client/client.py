@@ -30,6 +30,9 @@ class Client(BaseClient):
     ``credentials`` (``grpc.ssl_channel_credentials(...)``) turns on TLS;
     ``token`` sends a bearer token; ``channel_options`` go to the channel
     (over the SDK's own for several replicas).
+    ``model_name`` and ``model_version`` choose the model every call gets
+    unless it names its own (default: the server's default model, newest
+    version).
     """
 
     _grpc = grpc
@@ -45,26 +48,39 @@ class Client(BaseClient):
         self._pool.shutdown(wait=True)
         self._channel.close()
 
-    def wait_until_ready(self, timeout: float = 30.0) -> None:
-        """Block until the server says its model is ready; ``DeadlineExceededError`` after ``timeout`` s."""
-        self._run(_core.wait_until_ready(self._settings, timeout))
+    def wait_until_ready(self, timeout: float = 30.0, *, model_name: str | None = None,
+                         model_version: str | None = None) -> None:
+        """Block until the server says the model is ready; ``DeadlineExceededError`` after ``timeout`` s.
 
-    def model_info(self, refresh: bool = False) -> ModelInfo:
-        """The served model's labels, input size and preprocessing spec (remembered; see :meth:`classify`)."""
-        return self._run(_core.model_info(self._settings, self._state, refresh))
+        ``model_name`` and ``model_version`` choose the model for this call (default: the client's).
+        """
+        self._run(self._ready_plan(timeout, model_name, model_version))
+
+    def model_info(self, model_name: str | None = None, model_version: str | None = None, *,
+                   refresh: bool = False) -> ModelInfo:
+        """A model's name, version, labels, input size and preprocessing spec.
+
+        ``model_name`` and ``model_version`` choose the model (default: the client's; ``""`` asks for the
+        server's default model or newest version).  The answer is remembered per model and refreshed when
+        ``refresh`` is true or when a call finds a newer version (see :meth:`classify`).
+        """
+        return self._run(self._model_info_plan(model_name, model_version, refresh))
 
     def classify(self, images: ImageInput | Sequence[ImageInput], *, top_k: int = 1,
-                 include_probabilities: bool = False,
-                 errors: Literal["raise", "return"] = "raise") -> list[Classification | ImageError]:
+                 include_probabilities: bool = False, errors: Literal["raise", "return"] = "raise",
+                 model_name: str | None = None, model_version: str | None = None) -> list[Classification | ImageError]:
         """Classify images of any supported kind; results come back in input order.
 
         A single image (not in a list) is accepted too.  With ``errors="raise"``
         the first unreadable or undecodable image raises :class:`ImageError`;
         with ``"return"`` its slot holds the error and the rest are classified.
-        When the server's model is swapped for one with another input size, the
-        client asks for the new model's description and sends the images again.
+        ``model_name`` and ``model_version`` choose the model for this call
+        (default: the client's).  Each result names the model and version that
+        produced it.  When the model is swapped for a version that preprocesses
+        differently, or replicas serve different versions, the images are
+        preprocessed for the version that serves them (see docs/client.md).
         """
-        return self._run(self._classify_plan(images, top_k, include_probabilities, errors))
+        return self._run(self._classify_plan(images, top_k, include_probabilities, errors, model_name, model_version))
 
     def _start_workers(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=self._max_in_flight, thread_name_prefix="convserve-client")

@@ -22,11 +22,15 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Classification:
-    """The result for one image: its top-k labels, best first."""
+    """The result for one image: its top-k labels, best first, and the model and version that gave them."""
 
     top_k: tuple[Prediction, ...]
     probabilities: np.ndarray | None = None
     """Every class probability in label order, when asked for."""
+    model_name: str = ""
+    """The model that produced this result (its name, also when the call named none)."""
+    model_version: str = ""
+    """The version of the model that produced this result."""
 
     @property
     def label(self) -> str:
