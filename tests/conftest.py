@@ -9,6 +9,9 @@ from typing import AsyncIterator, Callable
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as convserve-train sets it: no C++ ERROR lines
+# Servers started by tests, in process or as processes, leave Triton's HTTP port 8000 alone: several run at once.
+# The HTTP tests (tests/server/http) ask for a free port instead.
+os.environ.setdefault("CONVSERVE_HTTP_PORT", "-1")
 
 from convserve_server.app import ConvserveServer, create_server  # noqa: E402
 from convserve_server.config import ServerConfig  # noqa: E402

@@ -29,6 +29,7 @@ from convserve_server.auth import BearerTokenInterceptor
 from convserve_server.config import ServerConfig
 from convserve_server.core import InferenceCore
 from convserve_server.errors import StartupError
+from convserve_server.http.server import HttpFrontEnd
 from convserve_server.exposure import warn_if_exposed
 from convserve_server.images import ImageDecoder
 from convserve_server.memory import MemoryReleaser
@@ -145,6 +146,9 @@ class ConvserveServer:
         except RuntimeError as exc:  # grpcio's only word for a failed bind
             raise StartupError(f"cannot listen on {address}: port busy or host not this machine's") from exc
         self.metrics_port: int | None = None
+        # HTTP/REST beside gRPC (docs/http.md): the same core, batcher, admission, gate, token and certificate.
+        self.http = HttpFrontEnd(config, core, metrics, self.decoder) if config.http_port >= 0 else None
+        self.http_port: int | None = self.http.port if self.http is not None else None
         self._watcher: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._hurry = asyncio.Event()
@@ -174,6 +178,8 @@ class ConvserveServer:
         await self._publish_readiness()  # not warm yet: NOT_SERVING
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._server.start()
+        if self.http is not None:
+            await self.http.start()
         if self.metrics is not None and self.config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_host, self.config.metrics_port)
         log.info("listening on %s:%d (%s)", self.config.host, self.port,
@@ -214,6 +220,8 @@ class ConvserveServer:
         stop_time = min(GOAWAY_PAUSE_S + FLUSH_GRACE_S, grace / 2)  # kept for stopping gRPC
         await self._drain_accepted(deadline - stop_time)
         await self._stop_transport(deadline - stop_time, deadline)
+        if self.http is not None:  # its held calls were refused with gRPC's; answers in progress get what is left
+            await self.http.stop(deadline - asyncio.get_running_loop().time())
         self.decoder.close()
         if self.metrics is not None:
             self.metrics.close()
