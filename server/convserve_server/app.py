@@ -294,5 +294,7 @@ async def create_server(config: ServerConfig) -> ConvserveServer:
     """
     metrics = ServerMetrics(config.max_batch_size) if config.metrics_port >= 0 else None
     core = InferenceCore(config, metrics.batch_observer if metrics is not None else lambda name: None)
+    if metrics is not None:
+        metrics.watch_models(core.served_states, lambda: dict(core.load_failures))
     await asyncio.get_running_loop().run_in_executor(None, core.load_all)
     return ConvserveServer(config, core, metrics)

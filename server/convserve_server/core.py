@@ -25,7 +25,7 @@ from convserve_server.errors import (
 from convserve_server.runtime import CPU, DeviceRequest, OnnxModel
 from convserve_server.shutdown_gate import ShutdownGate
 from convserve_server.statistics import VersionStatistics
-from convserve_server.verification import Verification, verify
+from convserve_server.verification import Verification, VerificationFailed, verify
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class InferenceCore:
         # The model calls naming none get: --default-model, else the only model at startup, for good.
         self.default_model = config.default_model
         self._refused: dict[Path, FileSignature] = {}  # refused versions' files, as they were then
+        self.load_failures: dict[tuple[str, str], int] = {}  # (model, "verification" or "load") -> versions refused
         self._unloaded: set[str] = set()  # unloaded on request: the poller leaves them alone until loaded again
         self._changing = asyncio.Lock()  # one load, unload or poll at a time
         self.shutting_down = False  # not ready from here on; requests are still answered until the drain
@@ -270,6 +271,8 @@ class InferenceCore:
             await served.warm_up()
         except Exception as exc:
             self._refused[source.path] = file_signature(source.path)
+            reason = (source.name, "verification" if isinstance(exc, VerificationFailed) else "load")
+            self.load_failures[reason] = self.load_failures.get(reason, 0) + 1
             raise ModelLoadFailed(f"refused {source.name} v{source.version}: {exc}") from exc
         await self._swap_in(source.name, served, on_disk)
 
@@ -354,6 +357,11 @@ class InferenceCore:
     def model_names(self) -> list[str]:
         """Names of the served models."""
         return sorted(self._models)
+
+    def served_states(self) -> list[tuple[str, int, bool, bool]]:
+        """(model, version, ready, verified) of each served version; read by the metrics endpoint's thread."""
+        return [(name, version, self.version_ready(served), served.verification.verified)
+                for name, versions in list(self._models.items()) for version, served in list(versions.items())]
 
     def serves(self, name: str) -> bool:
         """Whether ``name`` is a served model."""

@@ -11,7 +11,7 @@ loop's time is what bounds the requests per second.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -56,6 +56,8 @@ class ServerMetrics:
         self._requests: dict[tuple[str, str, str], int] = {}
         self._request_latency: dict[tuple[str, str], Histogram] = {}
         self._models: dict[str, _ModelObserver] = {}
+        self._served_states: Callable[[], list[tuple[str, int, bool, bool]]] = list
+        self._load_failures: Callable[[], dict[tuple[str, str], int]] = dict
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(self))
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
@@ -76,6 +78,13 @@ class ServerMetrics:
         if observer is None:
             observer = self._models[model] = _ModelObserver(self._batch_buckets)
         return observer
+
+    def watch_models(self, served_states: Callable[[], list[tuple[str, int, bool, bool]]],
+                     load_failures: Callable[[], dict[tuple[str, str], int]]) -> None:
+        """Export the models' state at each scrape: (model, version, ready, verified) of each served version, and
+        versions refused by (model, reason)."""
+        self._served_states = served_states
+        self._load_failures = load_failures
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve ``/metrics`` on a background thread; returns the bound port (StartupError if it cannot bind)."""
@@ -111,6 +120,23 @@ class ServerMetrics:
         for name, observer in models:
             depth.add_metric([name], observer.queue_depth)
         yield depth
+        yield from self._model_families()
+
+    def _model_families(self) -> Iterator[Metric]:
+        states = self._served_states()
+        ready = GaugeMetricFamily("convserve_model_ready", "1 while a loaded model version takes requests, else 0.",
+                                  labels=["model", "version"])
+        verified = GaugeMetricFamily("convserve_model_verified", "1 if a served version's golden vectors matched on "
+                                     "its execution provider, 0 if it is served unverified.", labels=["model", "version"])
+        for name, version, is_ready, is_verified in states:
+            ready.add_metric([name, str(version)], float(is_ready))
+            verified.add_metric([name, str(version)], float(is_verified))
+        failures = CounterMetricFamily("convserve_model_load_failures", "Model versions refused when loaded, by "
+                                       "model and reason (verification: golden vectors did not match; load: any "
+                                       "other error).", labels=["model", "reason"])
+        for (name, reason), count in list(self._load_failures().items()):
+            failures.add_metric([name, reason], count)
+        yield from (ready, verified, failures)
 
 
 def _histogram_family(name: str, documentation: str, label_names: list[str],
