@@ -1,0 +1,116 @@
+"""``POST /v2/models/{name}/classify``: image files as a form or as the body, preprocessed on the server under the
+limits of gRPC's encoded_images, answered with the label, score and top k of each, and the model that answered."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from convserve_protocol.protos import classifier_pb2 as cpb
+from convserve_protocol.protos import classifier_pb2_grpc as cpb_grpc
+from tests.images import bomb_png, encode
+from tests.models import write_version
+from tests.server.http.serving import ServerThread, running_server
+
+DIGIT_LABELS = tuple("0123456789")
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repository = tmp_path_factory.mktemp("http-classify") / "models"
+    write_version(repository, "digits", 1, labels=DIGIT_LABELS)
+    return repository
+
+
+@pytest.fixture(scope="module")
+def served(repository: Path) -> Iterator[ServerThread]:
+    with running_server(repository, max_image_bytes=20_000, max_image_pixels=100_000) as server:
+        yield server
+
+
+def pictures() -> list[bytes]:
+    rng = np.random.default_rng(11)
+    return [encode(rng.integers(0, 256, (8 + i, 9, 3), dtype=np.uint8), "PNG") for i in range(3)]
+
+
+def form(files: list[tuple[str, str, bytes, str]], fields: dict[str, str] | None = None) -> tuple[bytes, dict]:
+    """A multipart/form-data body, as curl -F writes one: (field, file name, bytes, content type) per file."""
+    boundary = uuid.uuid4().hex
+    body = io.BytesIO()
+    for name, value in (fields or {}).items():
+        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, filename, data, content_type in files:
+        body.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                   f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n")
+    body.write(f"--{boundary}--\r\n".encode())
+    return body.getvalue(), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def grpc_classification(server: ServerThread, files: list[bytes], top_k: int) -> cpb.ClassifyResponse:
+    with grpc.insecure_channel(f"127.0.0.1:{server.server.port}") as channel:
+        return cpb_grpc.ClassifierStub(channel).Classify(
+            cpb.ClassifyRequest(model_name="digits", encoded_images=files, top_k=top_k), timeout=10)
+
+
+def test_form_files_are_classified_in_order_as_grpc_classifies_them(served):
+    files = pictures()
+    body, headers = form([("image", f"picture{i}.png", data, "image/png") for i, data in enumerate(files)])
+    answer = served.request("POST", "/v2/models/digits/classify?top_k=3", body, headers)
+    assert answer.status == 200, answer.body
+    result = answer.json()
+    assert (result["model_name"], result["model_version"]) == ("digits", "1")
+    assert result["execution_provider"] == "CPUExecutionProvider" and "verified" in result
+    expected = grpc_classification(served, files, 3)
+    assert [image["filename"] for image in result["results"]] == ["picture0.png", "picture1.png", "picture2.png"]
+    for image, want in zip(result["results"], expected.results):
+        assert [entry["label"] for entry in image["top_k"]] == [entry.label for entry in want.top_k]
+        assert [entry["score"] for entry in image["top_k"]] == pytest.approx([entry.score for entry in want.top_k])
+        assert (image["label"], image["score"]) == (image["top_k"][0]["label"], image["top_k"][0]["score"])
+
+
+def test_one_image_as_the_raw_body_and_top_k_as_a_form_field(served):
+    picture = pictures()[0]
+    raw = served.request("POST", "/v2/models/digits/versions/1/classify", picture, {"Content-Type": "image/png"})
+    assert raw.status == 200, raw.body
+    [image] = raw.json()["results"]
+    assert image["filename"] is None and len(image["top_k"]) == 5  # five classes unless asked otherwise
+    assert image["label"] == grpc_classification(served, [picture], 1).results[0].top_k[0].label
+    body, headers = form([("image", "a.png", picture, "image/png")], fields={"top_k": "2"})
+    assert len(served.request("POST", "/v2/models/digits/classify", body, headers).json()["results"][0]["top_k"]) == 2
+
+
+@pytest.mark.parametrize("body_and_headers, status, message", [
+    (form([("image", "notes.txt", b"just some text", "text/plain")]), 400, "encoded_images[0]"),
+    ((b"just some text", {"Content-Type": "text/plain"}), 415, "multipart/form-data"),
+    (form([], fields={"comment": "no file"}), 400, "the form has no file"),
+    ((b"--x\r\nbroken", {"Content-Type": "multipart/form-data; boundary=x"}), 400, None),
+    (form([("image", "a.png", b"", "image/png")], fields={"top_k": "many"}), 400, "top_k"),
+    (form([("image", "a.png", pictures()[0], "image/png")], fields={"top_k": "11"}), 400, "top_k must be between"),
+])
+def test_what_is_not_an_image_is_refused_with_the_reason(served, body_and_headers, status, message):
+    body, headers = body_and_headers
+    answer = served.request("POST", "/v2/models/digits/classify", body, headers)
+    assert answer.status == status, answer.body
+    assert message is None or message in answer.json()["error"]
+
+
+def test_the_limits_of_encoded_images_apply(served):
+    noise = encode(np.random.default_rng(0).integers(0, 256, (90, 90, 3), dtype=np.uint8), "PNG")
+    assert len(noise) > 20_000
+    too_many_bytes = served.request("POST", "/v2/models/digits/classify", noise, {"Content-Type": "image/png"})
+    assert too_many_bytes.status == 400 and "--max-image-bytes" in too_many_bytes.json()["error"]
+    bomb = served.request("POST", "/v2/models/digits/classify", bomb_png(12_000), {"Content-Type": "image/png"})
+    assert bomb.status == 400 and "--max-image-pixels" in bomb.json()["error"]
+    assert served.request("POST", "/v2/models/digits/classify", pictures()[0],
+                          {"Content-Type": "image/png"}).status == 200  # and the server still answers
+
+
+def test_an_unknown_model_is_404(served):
+    answer = served.request("POST", "/v2/models/absent/classify", pictures()[0], {"Content-Type": "image/png"})
+    assert answer.status == 404 and "absent" in answer.json()["error"]
