@@ -21,6 +21,8 @@ from convserve_server.errors import ModelLoadFailed
 from tests.deploy.manifests import ROOT
 from tests.models import tiny_model, with_golden, with_one_weight_changed, write_version
 
+OPERATIONS = ROOT / "docs" / "operations.md"
+TABLE_START = "<!-- metrics table: tests/deploy/test_observability.py checks it against a real server's /metrics -->"
 DASHBOARD = ROOT / "deploy" / "grafana" / "convserve-dashboard.json"
 RULES = ROOT / "deploy" / "prometheus" / "convserve-rules.yaml"
 SCRAPE_LABELS = {"job", "instance", "namespace", "pod", "container", "service", "endpoint"}
@@ -84,9 +86,9 @@ def test_selectors_are_read_from_promql():
 # --- what a real server exports -----------------------------------------------------------------------
 
 @pytest.fixture
-async def exported(tmp_path, start_server) -> dict[str, set[str]]:
-    """Sample names a real server exports (each with the label names seen on it), once it has answered a
-    request, refused an unknown model and refused a version that fails verification."""
+async def scraped(tmp_path, start_server) -> str:
+    """What a real server's /metrics says once it has answered a request, refused an unknown model and refused a
+    version that fails verification (so that every family of convserve's has samples)."""
     repository = tmp_path / "models"
     write_version(repository, "tiny", 1, with_golden(tiny_model()))
     server = await start_server(repository)
@@ -101,9 +103,14 @@ async def exported(tmp_path, start_server) -> dict[str, set[str]]:
     with pytest.raises(ModelLoadFailed, match="fails verification"):
         await server.core.load_model("tiny")
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+    return await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+
+
+@pytest.fixture
+def exported(scraped: str) -> dict[str, set[str]]:
+    """Sample names the server exports, each with the label names seen on it."""
     names: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(scraped):
         for suffix in SAMPLE_SUFFIXES[family.type]:
             names.setdefault(family.name + suffix, set())
         for sample in family.samples:
@@ -115,6 +122,28 @@ async def test_the_model_state_metrics_say_what_was_served_and_what_was_refused(
     assert {"model", "version"} <= exported["convserve_model_ready"]
     assert {"model", "version"} <= exported["convserve_model_verified"]
     assert {"model", "reason"} <= exported["convserve_model_load_failures_total"]
+
+
+def metrics_table(scraped: str) -> str:
+    """The Markdown table of convserve's own metrics: name as queried, type, labels, help text."""
+    rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for family in sorted(text_string_to_metric_families(scraped), key=lambda f: f.name):
+        if not family.name.startswith("convserve_"):
+            continue
+        name = family.name + ("_total" if family.type == "counter" else "")
+        labels = sorted({label for sample in family.samples for label in sample.labels} - {"le"})
+        shown = f"`{name}`" + (" (`_bucket`, `_sum`, `_count`)" if family.type == "histogram" else "")
+        rows.append(f"| {shown} | {family.type} | {', '.join(f'`{label}`' for label in labels)} | "
+                    f"{family.documentation} |")
+    return "\n".join(rows)
+
+
+def test_the_metrics_table_in_operations_md_is_what_the_server_exports(scraped):
+    text = OPERATIONS.read_text()
+    assert TABLE_START in text
+    table = text.split(TABLE_START, 1)[1].strip().split("\n\n", 1)[0]
+    expected = metrics_table(scraped)
+    assert table == expected, f"docs/operations.md's metrics table differs from /metrics; it should read:\n{expected}"
 
 
 def unknown_metrics(expressions: list[str], exported: dict[str, set[str]]) -> list[str]:
