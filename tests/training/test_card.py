@@ -75,6 +75,20 @@ def test_bad_labels_are_a_one_line_error_and_leave_the_file_alone(tmp_path: Path
     assert source.read_bytes() == before
 
 
+@pytest.mark.parametrize("tensor", ["input", "output"])
+def test_a_fixed_batch_dimension_is_refused_with_a_one_line_error(tmp_path: Path, tensor: str) -> None:
+    model = foreign_model()
+    value_info = model.graph.input[0] if tensor == "input" else model.graph.output[0]
+    value_info.type.tensor_type.shape.dim[0].dim_value = 1  # as exporters write it when given one example
+    source = tmp_path / "fixed.onnx"
+    onnx.save(model, source)
+    before = source.read_bytes()
+    result = run_card(source, "--name", "pets", "--labels", "a,b,c,d")
+    assert result.returncode == 1 and result.stderr.startswith("convserve-card: error:")
+    assert result.stderr.count("\n") == 1 and "fixed batch dimension of 1" in result.stderr
+    assert source.read_bytes() == before
+
+
 def test_a_file_that_is_not_onnx_is_a_one_line_error(tmp_path: Path) -> None:
     source = tmp_path / "notes.onnx"
     source.write_text("not a model")

@@ -60,6 +60,15 @@ def _static_dims(value_info: onnx.ValueInfoProto) -> list[int | None]:
     return [dim.dim_value if dim.HasField("dim_value") else None for dim in value_info.type.tensor_type.shape.dim]
 
 
+def _check_batch_dimension(role: str, tensor: onnx.ValueInfoProto) -> None:
+    """CardError if the tensor's first dimension is fixed: the server runs batches of up to --max-batch-size."""
+    dims = _static_dims(tensor)
+    if dims and dims[0] is not None:
+        raise CardError(f"{role} {tensor.name!r} has a fixed batch dimension of {dims[0]} ({dims}); convserve runs "
+                        f"batches of any size, so export it with a dynamic first axis (tf2onnx: input_signature "
+                        f"with None; torch.onnx.export: dynamic_axes={{{tensor.name!r}: {{0: 'batch'}}}})")
+
+
 def card_for(model: onnx.ModelProto, args: argparse.Namespace) -> ModelCard:
     """The card the flags describe, with input size and tensor names read from the graph."""
     initializers = {tensor.name for tensor in model.graph.initializer}
@@ -70,6 +79,8 @@ def card_for(model: onnx.ModelProto, args: argparse.Namespace) -> ModelCard:
     dims = _static_dims(inputs[0])
     if len(dims) != 4 or dims[1] is None or dims[2] is None or dims[3] != 3:
         raise CardError(f"input {inputs[0].name!r} must be N×H×W×3 with fixed H and W, is {dims}")
+    _check_batch_dimension("input", inputs[0])
+    _check_batch_dimension("output", model.graph.output[0])
     try:
         spec = PreprocessingSpec(height=dims[1], width=dims[2], crop=args.crop, scale=args.scale, offset=args.offset)
         return ModelCard(model_name=args.name, model_version=args.version, labels=parse_labels(args.labels),
