@@ -184,7 +184,7 @@ class ConvserveServer:
             self.metrics_port = self.metrics.serve_http(self.config.metrics_host, self.config.metrics_port)
         log.info("listening on %s:%d (%s)", self.config.host, self.port,
                  "metrics off" if self.metrics_port is None else f"metrics port {self.metrics_port}")
-        warn_if_exposed(self.config, self.port, log)
+        warn_if_exposed(self.config, self.port, log, self.http_port)
 
     async def warm_up(self) -> None:
         """Warm every model, then report SERVING and start watching the repository."""

@@ -28,7 +28,11 @@ def test_loopback_addresses_are_told_apart_from_the_rest(host, loopback):
 
 def test_only_an_exposed_server_without_token_or_tls_is_warned_about(tmp_path):
     exposed = server_config(tmp_path, host="0.0.0.0")
-    assert WARNING_TEXT in exposure_warning(exposed, 8500) and "8500" in exposure_warning(exposed, 8500)
+    assert WARNING_TEXT in exposure_warning(exposed, 8500) and "gRPC 0.0.0.0:8500" in exposure_warning(exposed, 8500)
+    http_only = server_config(tmp_path, http_host="0.0.0.0")
+    assert exposure_warning(http_only, 8500) is None  # HTTP closed
+    assert "listening on HTTP 0.0.0.0:8000 with" in exposure_warning(http_only, 8500, 8000)
+    assert exposure_warning(server_config(tmp_path, http_host="127.0.0.1"), 8500, 8000) is None
     assert exposure_warning(server_config(tmp_path), 8500) is None  # 127.0.0.1
     assert exposure_warning(server_config(tmp_path, host="0.0.0.0", auth_token=SecretStr("t")), 8500) is None
     cert = tmp_path / "cert.pem"
@@ -56,10 +60,11 @@ def serve_and_read_log(repository: Path, *flags: str) -> str:
 def test_a_server_on_every_interface_without_token_logs_one_warning_and_says_metrics_off(tmp_path):
     repository = tmp_path / "models"
     write_version(repository, "tiny", 1)
-    text = serve_and_read_log(repository, "--host", "0.0.0.0", "--metrics-port", "-1")
+    text = serve_and_read_log(repository, "--host", "0.0.0.0", "--metrics-port", "-1",
+                              "--http-host", "0.0.0.0", "--http-port", "0")
     warnings = [line for line in text.splitlines() if WARNING_TEXT in line]
     assert len(warnings) == 1, text
-    assert "WARNING" in warnings[0] and "listening on 0.0.0.0" in warnings[0]
+    assert "WARNING" in warnings[0] and "listening on gRPC 0.0.0.0:" in warnings[0] and " and HTTP 0.0.0.0:" in warnings[0]
     listening = next(line for line in text.splitlines() if "listening on 0.0.0.0:" in line and "INFO" in line)
     assert listening.endswith("(metrics off)"), listening
 
@@ -69,6 +74,6 @@ def test_a_loopback_server_logs_no_warning_and_its_metrics_port(tmp_path):
     write_version(repository, "tiny", 1)
     metrics_port = free_port()
     text = serve_and_read_log(repository, "--host", "127.0.0.1", "--metrics-host", "127.0.0.1",
-                              "--metrics-port", str(metrics_port))
+                              "--metrics-port", str(metrics_port), "--http-host", "127.0.0.1", "--http-port", "0")
     assert WARNING_TEXT not in text
     assert f"(metrics port {metrics_port})" in text
