@@ -85,13 +85,38 @@ _LARGER_THAN_MAX = re.compile(r"larger than max \((\d+) vs\. (\d+)\)")
 """gRPC's words for a message over the limit: ``Received message larger than max (SIZE vs. LIMIT)``."""
 
 
+PLAINTEXT_TO_TLS_HINT = "the server closed the connection before answering: it probably expects TLS"
+"""What a plaintext client is told when a server that expects TLS hangs up on it."""
+TLS_TO_PLAINTEXT_HINT = "the server did not answer the TLS handshake: it probably does not use TLS"
+"""What a TLS client is told when the server answers its handshake in plaintext."""
+
+
+def connection_hint(message: str) -> str | None:
+    """What gRPC's words for a failed connection most likely mean, when they are about TLS.
+
+    A TLS server hangs up on a plaintext client without a word (gRPC says ``Socket closed``), and a plaintext
+    server answers a TLS handshake with bytes that are not TLS (``WRONG_VERSION_NUMBER``).
+    """
+    lowered = message.lower()
+    if "failed to connect" not in lowered:
+        return None
+    if "handshake failed" in lowered and "wrong_version_number" in lowered:
+        return TLS_TO_PLAINTEXT_HINT
+    if "socket closed" in lowered:
+        return PLAINTEXT_TO_TLS_HINT
+    return None
+
+
 def from_rpc_error(error: grpc.RpcError) -> ConvserveError:
-    """Translate a ``grpc.RpcError`` into the matching :class:`ConvserveError`."""
+    """Translate a ``grpc.RpcError`` into the matching :class:`ConvserveError` (with a word on TLS where a
+    failed connection looks like a client and a server that disagree about it)."""
     code = error.code() if hasattr(error, "code") else None
     details = (error.details() if hasattr(error, "details") else None) or str(error)
     cls = _BY_CODE.get(code, ServerError) if code is not None else ServerError
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
         cls = MessageTooLargeError
+    if code == grpc.StatusCode.UNAVAILABLE and (hint := connection_hint(details)) is not None:
+        details = f"{details} ({hint})"
     return cls(details, code)
 
 

@@ -23,7 +23,8 @@ def save_photo(path, seed: int) -> str:
 
 
 def classified(out: str) -> list[str]:
-    return [line.split("\t")[0] for line in out.strip().splitlines()]
+    """The image paths of the result lines (the header lines that name the model start with "# ")."""
+    return [line.split("\t")[0] for line in out.strip().splitlines() if not line.startswith("# ")]
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists("/dev/zero"), reason="needs a FIFO and /dev/zero")

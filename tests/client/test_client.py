@@ -208,7 +208,8 @@ async def test_cli_prints_a_line_per_image_and_fails_only_the_bad_one(tiny_serve
     code = await asyncio.to_thread(classify_main, [*paths[:2], str(bad), paths[2], *args])
     out, err = capsys.readouterr()
     assert code == 1
-    lines = out.strip().splitlines()
+    header, *lines = out.strip().splitlines()
+    assert header == "# model tiny version 1"
     assert [line.split("\t")[0] for line in lines] == [paths[0], paths[1], paths[2]]
     assert [line.split("\t")[1].split()[0] for line in lines] == expected_labels(tiny_repo, pictures)
     assert len(lines[0].split("\t")) == 3
@@ -216,6 +217,7 @@ async def test_cli_prints_a_line_per_image_and_fails_only_the_bad_one(tiny_serve
     code = await asyncio.to_thread(classify_main, [*paths, *args, "--json"])
     document = json.loads(capsys.readouterr().out)
     assert code == 0 and [d["label"] for d in document] == expected_labels(tiny_repo, pictures)
+    assert {(d["model"], d["model_version"]) for d in document} == {("tiny", "1")}
 
 
 def test_cli_without_a_server_is_a_one_line_error(tmp_path, capsys):

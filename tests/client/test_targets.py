@@ -95,7 +95,8 @@ async def test_cli_spreads_a_long_list_of_images_over_a_list_of_servers(tiny_rep
         Image.fromarray(np.full((8, 8, 3), i * 30, dtype=np.uint8)).save(paths[-1])
     address = ",".join(f"127.0.0.1:{server.port}" for server in servers)
     code = await asyncio.to_thread(classify_main, [*paths, "--server", address])
-    assert code == 0 and len(capsys.readouterr().out.strip().splitlines()) == 8
+    header, *lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and header == "# model tiny version 1" and len(lines) == 8
     assert all([await asyncio.to_thread(classify_calls, server) > 0 for server in servers])
 
 
