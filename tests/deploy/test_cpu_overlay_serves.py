@@ -2,7 +2,7 @@
 
 Everything the container gets is applied as it is (arguments and environment) except what cannot apply on a
 test machine, each replaced explicitly in :data:`REPLACED`: the model repository's path (the pod's volume),
-the ports (free ones here) and the listening address (loopback here; the pod's 0.0.0.0 is covered by
+the ports (free ones here) and the listening addresses (loopback here; the pod's 0.0.0.0 is covered by
 tests/server/test_exposure.py). The downward API's value is resolved as the kubelet would resolve it.
 """
 
@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -26,7 +27,7 @@ from tests.deploy.manifests import find, render_overlay
 from tests.deploy.test_manifests import cpu_cores, flag_values, needs_kustomize, server_container
 from tests.models import write_version
 
-REPLACED = ("model-repository", "host", "port", "metrics-host", "metrics-port")
+REPLACED = ("model-repository", "host", "port", "metrics-host", "metrics-port", "http-host", "http-port")
 """Flags whose pod values cannot apply here; every other flag is passed exactly as rendered."""
 
 
@@ -56,10 +57,11 @@ def test_the_cpu_overlays_server_arguments_and_environment_serve_on_a_real_proce
     container = server_container(find(render_overlay("cpu"), "Deployment"))
     repository = tmp_path / "models"
     write_version(repository, "tiny", 1)
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     args = replaced_arguments(container["args"], {
         "model-repository": str(repository), "host": "127.0.0.1", "port": str(port),
-        "metrics-host": "127.0.0.1", "metrics-port": str(metrics_port)})
+        "metrics-host": "127.0.0.1", "metrics-port": str(metrics_port),
+        "http-host": "127.0.0.1", "http-port": str(http_port)})
     environment = resolved_environment(container)
     assert environment["CONVSERVE_INTRA_OP_THREADS"] == "1"  # 2 CPUs shared by 2 instances
     # Only the container's variables and what Python needs to start: no CONVSERVE_* from this shell.
@@ -78,6 +80,10 @@ def test_the_cpu_overlays_server_arguments_and_environment_serve_on_a_real_proce
                 reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(pb.ModelInferRequest(
                     model_name="tiny", inputs=[image], raw_input_contents=[np.zeros((1, 8, 8, 3), "<f4").tobytes()]),
                     timeout=10)
+            for path in ("/v2/health/ready", "/metrics"):  # the HTTP port and the metrics port answer too
+                where = http_port if path.startswith("/v2") else metrics_port
+                with urllib.request.urlopen(f"http://127.0.0.1:{where}{path}", timeout=10) as answer:
+                    assert answer.status == 200, path
             probabilities = np.frombuffer(reply.raw_output_contents[0], "<f4")
             assert probabilities.shape == (4,) and abs(probabilities.sum() - 1) < 1e-5
         finally:

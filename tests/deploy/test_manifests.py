@@ -155,7 +155,8 @@ def test_server_arguments_parse_with_the_servers_own_config_loader(overlay):
     container = server_container(deployment)
     config = load_config(container["args"])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert config.port == ports["grpc"] and config.metrics_port == ports["metrics"]
+    assert config.port == ports["grpc"] and config.metrics_port == ports["metrics"] and config.http_port == ports["http"]
+    assert {config.host, config.metrics_host, config.http_host} == {"0.0.0.0"}  # written out, not left to defaults
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(config.metrics_port)
     models = next(m for m in container["volumeMounts"] if m["name"] == "models")
@@ -387,6 +388,7 @@ def test_kserve_arguments_parse_with_the_servers_own_config_loader(kserve):
         kserve["InferenceService"]["spec"]["predictor"]["model"].get("args", [])
     config = load_config(args)
     assert str(config.model_repository) == "/mnt/models" and config.device == "cuda"
+    assert config.http_port == -1  # the runtime's one port is gRPC's
 
 
 def test_the_inference_service_uses_the_runtime_raw_with_replicas_a_gpu_and_the_drain_grace(kserve):
