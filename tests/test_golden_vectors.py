@@ -53,9 +53,9 @@ def test_eight_default_sized_images_of_real_looking_pixels_take_a_few_tens_of_kb
     (lambda value: value.update(format=2), "unsupported format"),
     (lambda value: value.pop("probabilities"), "missing 'probabilities'"),
     (lambda value: value.update(inputs="!!not base64!!"), "malformed"),
-    (lambda value: value.update(inputs_shape=[8, 28, 28, 4]), "do not match shape"),
+    (lambda value: value.update(inputs_shape=[8, 28, 28, 4]), "do not fit the model's"),
     (lambda value: value.update(tolerance=-1), "tolerance must be a positive number"),
-    (lambda value: value.update(probabilities_shape=[7, 10]), "do not match shape"),
+    (lambda value: value.update(probabilities_shape=[7, 10]), "do not fit the model's"),
 ])
 def test_malformed_golden_vectors_are_a_value_error_naming_the_key(change, message):
     metadata = card(golden()).to_metadata()

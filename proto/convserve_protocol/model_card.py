@@ -84,17 +84,20 @@ class ModelCard:
             raise ValueError(f"model metadata holds bad JSON: {exc}") from exc
         if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
             raise ValueError("model metadata 'labels' must be a JSON list of strings")
+        spec = PreprocessingSpec.from_json(get("preprocessing"))
+        # The golden vectors' declared shapes are checked against the card's before anything is inflated.
+        golden = GoldenVectors.from_metadata(metadata, (spec.height, spec.width, spec.channels), len(labels))
         return cls(
             model_name=get("model_name"),
             model_version=get("model_version"),
             labels=tuple(labels),
-            preprocessing=PreprocessingSpec.from_json(get("preprocessing")),
+            preprocessing=spec,
             input_name=metadata.get(f"{_PREFIX}input_name", "image"),
             output_name=metadata.get(f"{_PREFIX}output_name", "probabilities"),
             trained_at=metadata.get(f"{_PREFIX}trained_at", ""),
             dataset=metadata.get(f"{_PREFIX}dataset", ""),
             metrics={str(k): float(v) for k, v in metrics.items()},
-            golden=GoldenVectors.from_metadata(metadata),
+            golden=golden,
         )
 
     def to_json(self) -> str:
