@@ -226,7 +226,9 @@ def _check_repository(repository: Path, model: str) -> dict[str, list[VersionPat
 
 
 def _convserve_flags(args: argparse.Namespace) -> list[str]:
-    return shlex.split(args.server_args)
+    # The model named with --model is the server's default, as a repository of several requires; --server-args
+    # come after it and so win.
+    return (["--default-model", args.model] if args.model else []) + shlex.split(args.server_args)
 
 
 def _workers(server_args: str) -> int:
