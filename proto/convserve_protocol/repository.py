@@ -3,7 +3,8 @@
 Model names are letters, digits, ``_``, ``-`` and ``.``, not starting with a
 symbol; version folders have names of 1 to 18 ASCII digits (an int64, as in the
 Open Inference Protocol).  Anything else, such as the
-exporter's hidden ``.staging-*`` folders, is not part of the repository.
+exporter's hidden ``.staging-*`` folders, is not part of the repository.  Names are matched whole:
+``"shapes\n"`` is not a model name (``$`` would have matched before the newline).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MODEL_FILENAME = "model.onnx"
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True, order=True)
@@ -26,8 +27,17 @@ class VersionPath:
 
 
 def is_model_name(name: str) -> bool:
-    """Whether ``name`` is usable as a model folder and in requests."""
-    return bool(_MODEL_NAME.match(name))
+    """Whether ``name`` is usable as a model folder and in requests: the whole of it matches the rule."""
+    return _MODEL_NAME.fullmatch(name) is not None
+
+
+def folders_with_odd_names(repository: Path) -> list[str]:
+    """Names of the repository's folders that are not model names and so are not served, hidden ones (such as
+    the exporter's ``.staging-*``) left out: an operator should hear of ``"shapes\n"`` or ``"my model"``."""
+    if not repository.is_dir():
+        return []
+    return sorted(child.name for child in repository.iterdir()
+                  if not child.name.startswith(".") and not is_model_name(child.name) and child.is_dir())
 
 
 MAX_VERSION_DIGITS = 18

@@ -146,8 +146,10 @@ class ConvserveServer:
         except RuntimeError as exc:  # grpcio's only word for a failed bind
             raise StartupError(f"cannot listen on {address}: port busy or host not this machine's") from exc
         self.metrics_port: int | None = None
-        # HTTP/REST beside gRPC (docs/http.md): the same core, batcher, admission, gate, token and certificate.
-        self.http = HttpFrontEnd(config, core, metrics, self.decoder) if config.http_port >= 0 else None
+        # HTTP/REST beside gRPC (docs/http.md): the same core, batcher, gate, token and certificate; its calls are
+        # counted against max_concurrent_rpcs apart from gRPC's until the count moves to the core.
+        self.http = (HttpFrontEnd(config, core, metrics, self.decoder, ConcurrencyLimit(config.max_concurrent_rpcs))
+                     if config.http_port >= 0 else None)
         self.http_port: int | None = self.http.port if self.http is not None else None
         self._watcher: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()

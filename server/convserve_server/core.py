@@ -15,7 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from convserve_protocol.repository import VersionPath, is_version_name, links_out_of, scan_repository
+from convserve_protocol.repository import (
+    VersionPath, folders_with_odd_names, is_version_name, links_out_of, scan_repository,
+)
 from convserve_server.shutdown_gate import ShutdownGate
 from convserve_server.batcher import BatchObserver, DynamicBatcher
 from convserve_server.config import ServerConfig
@@ -126,6 +128,7 @@ class InferenceCore:
         self._refused: dict[Path, FileSignature] = {}  # refused versions' files, as they were then
         self.load_failures: dict[tuple[str, str], int] = {}  # (model, "verification" or "load") -> versions refused
         self._unloaded: set[str] = set()  # unloaded on request: the poller leaves them alone until loaded again
+        self._odd_names_reported: set[str] = set()  # folders not served for their name, each logged once
         self._changing = asyncio.Lock()  # one load, unload or poll at a time
         self.shutting_down = False  # not ready from here on; requests are still answered until the drain
         self.draining = False
@@ -147,7 +150,7 @@ class InferenceCore:
         """Load the newest versions of every model; StartupError if there is none or one is bad."""
         for link in links_out_of(self._config.model_repository):
             log.warning("%s is a link out of the model repository; ignored", link)
-        found = scan_repository(self._config.model_repository)
+        found = self._read_repository()
         if not found:
             raise StartupError(f"model repository {self._config.model_repository}: no <name>/<version>/model.onnx in it")
         default = self._config.default_model or self._only_model(found)
@@ -210,8 +213,8 @@ class InferenceCore:
                         continue
                     try:
                         await self._load_and_swap_in(source, on_disk)
-                    except ModelLoadFailed as exc:  # a bad new version must never stop the old one serving
-                        log.error("%s", exc)
+                    except ModelLoadFailed:  # a bad new version must never stop the old one serving (logged)
+                        pass
             await self._retire_deleted(found)
             self._check_readiness()
 
@@ -232,9 +235,9 @@ class InferenceCore:
             if self.draining:
                 raise ModelNotReady("server is draining; not loading models")
             versions = (await self._scan() or {}).get(name)
-            if not versions:
-                raise ModelNotFound(f"no model {quoted(name)} in the repository {self._config.model_repository} "
-                                    f"(expected {name}/<version>/model.onnx)")
+            if not versions:  # the caller's name quoted and cut short; the server's paths are not theirs to see
+                raise ModelNotFound(f"no model {quoted(name)} in the model repository (expected "
+                                    "<name>/<version>/model.onnx, the name letters, digits, _ . -)")
             self._unloaded.discard(name)
             on_disk = {source.version for source in versions}
             for source in self._newer_than_served(name, versions):
@@ -273,8 +276,18 @@ class InferenceCore:
             self._refused[source.path] = file_signature(source.path)
             reason = (source.name, "verification" if isinstance(exc, VerificationFailed) else "load")
             self.load_failures[reason] = self.load_failures.get(reason, 0) + 1
-            raise ModelLoadFailed(f"refused {source.name} v{source.version}: {exc}") from exc
+            log.error("refused %s v%d (%s): %s", source.name, source.version, source.path, exc)
+            raise ModelLoadFailed(f"refused {source.name} v{source.version}: {self._without_paths(exc, source)}") from exc
         await self._swap_in(source.name, served, on_disk)
+
+    def _without_paths(self, error: Exception, source: VersionPath) -> str:
+        """An error's message for a caller: the model file named inside the repository, not where the
+        repository is on the server."""
+        text = str(error).replace(str(source.path), f"{source.name}/{source.version}/{source.path.name}")
+        repository = self._config.model_repository
+        for prefix in sorted({str(repository.resolve()), str(repository.absolute())}, key=len, reverse=True):
+            text = text.replace(prefix, "<repository>")
+        return text
 
     def _newer_than_served(self, name: str, versions: list[VersionPath]) -> list[VersionPath]:
         """Of the newest ``versions_per_model`` versions on disk, those newer than every served one still on disk
@@ -312,7 +325,17 @@ class InferenceCore:
     async def _scan(self) -> dict[str, list[VersionPath]] | None:
         """The repository's models and versions (None if its folder is missing), read on a worker thread: with
         many models, or on a network volume, a scan takes long enough to stall every request on the loop."""
-        return await asyncio.to_thread(_scan_if_present, self._config.model_repository)
+        return await asyncio.to_thread(self._read_repository)
+
+    def _read_repository(self) -> dict[str, list[VersionPath]] | None:
+        """:func:`_scan_if_present`, logging each folder not served for its name once (escaped: a name may
+        hold a newline or a NUL)."""
+        for name in folders_with_odd_names(self._config.model_repository):
+            if name not in self._odd_names_reported:
+                self._odd_names_reported.add(name)
+                log.warning("model folder %s is not a model name (letters, digits, _ . -, starting with a letter "
+                            "or digit); not serving it", quoted(name))
+        return _scan_if_present(self._config.model_repository)
 
     async def watch(self, interval_s: float) -> None:
         """Look for new versions every ``interval_s`` seconds until cancelled."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 from urllib.parse import parse_qsl
 
+from convserve_server.admission import ConcurrencyLimit
 from convserve_server.config import ServerConfig
 from convserve_server.core import InferenceCore
 from convserve_server.errors import Overloaded, ServingError
@@ -53,8 +54,8 @@ class Route:
     """An endpoint: its method and path, its handler, and how it is admitted.
 
     ``method_name`` is what it is counted as in the metrics (gRPC's method names; empty: not counted);
-    ``open``: no token needed; ``gated``: runs in one of the core's admission slots (``max_concurrent_rpcs``,
-    shared with gRPC) and under the shutdown gate; ``reads_body``: its body is read (else left unread)."""
+    ``open``: no token needed; ``gated``: runs in an admission slot (``max_concurrent_rpcs``) and under the
+    shutdown gate; ``reads_body``: its body is read (else left unread)."""
 
     method: str
     pattern: re.Pattern[str]
@@ -105,9 +106,10 @@ class RestApp:
     """The ASGI application of the HTTP front end; see the module docstring."""
 
     def __init__(self, config: ServerConfig, core: InferenceCore, metrics: ServerMetrics | None,
-                 decoder: ImageDecoder) -> None:
+                 decoder: ImageDecoder, admission: ConcurrencyLimit) -> None:
         self.core = core
         self.metrics = metrics
+        self.admission = admission
         self.routes = build_routes(OipEndpoints(core), ClassifyEndpoint(core, decoder), Pages())
         self._token = config.auth_token.get_secret_value().encode() if config.auth_token is not None else None
         self._origins = parse_origins(config.cors_origins)
@@ -220,7 +222,7 @@ class RestApp:
         """The handler in an admission slot and under the shutdown gate, as a gRPC call runs."""
         if not route.gated:
             return await route.handler(call)
-        admission = self.core.admission
+        admission = self.admission
         if not admission.try_enter():
             raise Overloaded(f"server busy: {admission.limit} calls in progress; retry later")
         try:

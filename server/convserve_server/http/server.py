@@ -18,6 +18,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from convserve_server.admission import ConcurrencyLimit
 from convserve_server.config import ServerConfig
 from convserve_server.core import InferenceCore
 from convserve_server.errors import StartupError
@@ -126,11 +127,14 @@ def _tls_options(config: ServerConfig) -> dict[str, Any]:
 
 
 class HttpFrontEnd:
-    """The HTTP/REST front end of one server: bound when built, serving from :meth:`start` to :meth:`stop`."""
+    """The HTTP/REST front end of one server: bound when built, serving from :meth:`start` to :meth:`stop`.
+
+    ``admission`` counts calls in progress against ``max_concurrent_rpcs``: give it gRPC's count to share one.
+    """
 
     def __init__(self, config: ServerConfig, core: InferenceCore, metrics: ServerMetrics | None,
-                 decoder: ImageDecoder) -> None:
-        self.app = RestApp(config, core, metrics, decoder)
+                 decoder: ImageDecoder, admission: ConcurrencyLimit) -> None:
+        self.app = RestApp(config, core, metrics, decoder, admission)
         self._socket = _bind(config.http_host, config.http_port, shared=config.workers > 1)
         self.port: int = self._socket.getsockname()[1]
         self._server = uvicorn.Server(uvicorn.Config(

@@ -192,14 +192,20 @@ def _index_entry(entry: RepositoryEntry) -> pb.RepositoryIndexResponse.ModelInde
                                                  state="READY" if entry.ready else "UNAVAILABLE", reason=entry.reason)
 
 
+_MOST_PARAMETERS_NAMED = 4  # of a caller's unsupported repository parameters, in an error message
+
+
 def _check_repository_request(repository_name: str, parameters: Mapping[str, object] | None = None,
                               accepted: frozenset[str] = frozenset()) -> None:
     if repository_name:
         raise InvalidInput(f"this server has one model repository; leave repository_name empty, "
-                           f"got {repository_name!r}")
+                           f"got {quoted(repository_name)}")
     unsupported = sorted(set(parameters or ()) - accepted)
     if unsupported:
-        raise InvalidInput(f"repository parameters {', '.join(map(repr, unsupported))} are not supported: "
+        shown = unsupported[:_MOST_PARAMETERS_NAMED]
+        more = len(unsupported) - len(shown)
+        named = ", ".join(map(quoted, shown)) + (f" and {more} more" if more else "")
+        raise InvalidInput(f"repository parameters {named} are not supported: "
                            "a model's files and configuration come from the repository folder")
 
 

@@ -170,7 +170,7 @@ def test_connections_beyond_the_cap_get_503_while_open_ones_are_answered(served)
 
 
 def test_calls_beyond_max_concurrent_rpcs_are_429(served):
-    admission = served.server.core.admission
+    admission = served.server.http.app.admission
 
     async def fill() -> int:
         taken = 0
