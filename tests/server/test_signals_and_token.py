@@ -43,17 +43,17 @@ class _Server:
         self.log.seek(0)
         return self.log.read().decode(errors="replace")
 
-    def wait_for_log(self, fragment: str) -> None:
+    def wait_for_log(self, fragment: str, times: int = 1) -> None:
         deadline = time.monotonic() + LOG_WAIT_S
-        while fragment not in self.text():
+        while self.text().count(fragment) < times:
             assert self.process.poll() is None, f"the server exited ({self.process.returncode}):\n{self.text()}"
             assert time.monotonic() < deadline, f"no {fragment!r} in the log:\n{self.text()}"
             time.sleep(0.05)
 
 
 @pytest.fixture
-def server_process(tiny_repo: Path) -> Iterator[_Server]:
-    server = _Server(tiny_repo)
+def server_process(tiny_repo: Path, request: pytest.FixtureRequest) -> Iterator[_Server]:
+    server = _Server(tiny_repo, *getattr(request, "param", ()))
     try:
         wait_until_ready(server.address, server.process, stderr_file=server.log)
         yield server
@@ -88,6 +88,21 @@ def test_usr1_usr2_and_alrm_are_ignored_hup_rescans_and_term_still_drains(server
     assert server_process.process.wait(timeout=30) == 0
     log = server_process.text()
     assert "stop signal received" in log and "draining" in log and "stopped" in log, log
+
+
+@pytest.mark.parametrize("server_process", [("--workers", "2")], indirect=True)
+def test_with_workers_the_parent_ignores_the_same_signals_and_passes_sighup_on(server_process):
+    server_process.wait_for_log("ready: serving tiny", times=2)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM):
+        server_process.process.send_signal(sig)
+        server_process.wait_for_log(f"{sig.name} ignored")
+    server_process.process.send_signal(signal.SIGHUP)
+    server_process.wait_for_log("SIGHUP rescan done", times=2)  # each worker rescanned
+    with grpc.insecure_channel(server_process.address) as channel:
+        _infer_ok(pb_grpc.GRPCInferenceServiceStub(channel))
+    server_process.process.send_signal(signal.SIGTERM)
+    assert server_process.process.wait(timeout=30) == 0
+    assert server_process.text().count("stopped") == 2, server_process.text()
 
 
 def _start_with_token(repository: Path, token: str) -> subprocess.CompletedProcess[str]:
