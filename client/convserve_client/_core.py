@@ -337,8 +337,10 @@ class ClassifyJob:
             if self._follows_versions(positions) and _wire.is_wrong_shape(exc.message):
                 return (yield from self._after_wrong_shape(positions))
             return (yield from self._without_bad_image(positions, exc))
-        if self._follows_versions(positions) and response.model_version != self.info.version:
-            answered = yield from version_info(self.settings, self.state, response.model_name, response.model_version)
+        # An answer without a version (a server older than ClassifyResponse.model_version) is taken as it comes.
+        if self._follows_versions(positions) and response.model_version not in ("", self.info.version):
+            answered = yield from version_info(self.settings, self.state, response.model_name or self.info.name,
+                                               response.model_version)
             self._note_newer(answered)
             if answered.preprocessing != self.info.preprocessing:
                 return (yield from self._pinned_plan(positions, answered))
