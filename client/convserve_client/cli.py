@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server", default="localhost:8500",
                         help="server address HOST:PORT; several replicas as HOST:PORT,HOST:PORT or dns:///NAME:PORT "
                         "(balanced round-robin over the ready ones) (default %(default)s)")
-    parser.add_argument("--model", default="", help="model name (default: the server's model)")
+    parser.add_argument("--model", default="", help="model name (default: the server's default model)")
     parser.add_argument("--model-version", default="", help="model version (default: the newest)")
     parser.add_argument("--top-k", type=int, default=1, help="labels to print per image (default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")

@@ -57,11 +57,24 @@ def pictures(count: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8) for _ in range(count)]
 
 
-@pytest.fixture
-def two_input_sizes(tmp_path: Path) -> Iterator[tuple[str, dict[str, tuple[Path, PreprocessingSpec]]]]:
-    """Replica A serves v1 at 8×8, replica B v2 at 16×16."""
-    v1, v1_model = version_repository(tmp_path, 1)
-    v2, v2_model = version_repository(tmp_path, 2, height=16, width=16)
+async def until_both_replicas_answer(client: AsyncClient, tries: int = 50) -> None:
+    """Classify one image at a time until both versions have answered: until then the balancer may know only
+    the replica it connected to first."""
+    seen: set[str] = set()
+    for _ in range(tries):
+        seen.add((await client.classify(pictures(1)))[0].model_version)
+        if len(seen) == 2:
+            return
+    raise AssertionError(f"only version {seen} answered {tries} calls")
+
+
+@pytest.fixture(scope="module")
+def two_input_sizes(
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, tuple[Path, PreprocessingSpec]]]]:
+    """Replica A serves v1 at 8×8, replica B v2 at 16×16 (each test uses a client of its own)."""
+    root = tmp_path_factory.mktemp("two-input-sizes")
+    v1, v1_model = version_repository(root, 1)
+    v2, v2_model = version_repository(root, 2, height=16, width=16)
     models = {"1": (v1_model, PreprocessingSpec(8, 8)), "2": (v2_model, PreprocessingSpec(16, 16))}
     for servers in serve_both([v1, v2]):
         yield ",".join(server.address for server in servers), models
@@ -98,6 +111,7 @@ async def test_one_call_over_versions_with_different_labels_says_which_version_g
     for servers in serve_both([v1, v2], "--max-batch-size", "8"):  # 38 requests, balanced over both
         address = ",".join(server.address for server in servers)
         async with AsyncClient(address, timeout=20) as client:
+            await until_both_replicas_answer(client)
             results = await client.classify(images, top_k=3, include_probabilities=True)
     versions = [result.model_version for result in results]
     assert set(versions) == {"1", "2"}, "both replicas should have answered part of the call"
