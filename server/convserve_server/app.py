@@ -20,11 +20,11 @@ from typing import Any
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from convserve_protocol.protos import classifier_pb2, grpc_predict_v2_pb2
-from convserve_server.admission import AdmissionInterceptor, ConcurrencyLimit, PeerLimit
+from convserve_server.admission import CallGuards
 from convserve_server.auth import BearerTokenInterceptor
 from convserve_server.config import ServerConfig
 from convserve_server.core import InferenceCore
@@ -32,12 +32,13 @@ from convserve_server.errors import StartupError
 from convserve_server.http.server import HttpFrontEnd
 from convserve_server.exposure import warn_if_exposed
 from convserve_server.images import ImageDecoder
+from convserve_server.limits import PeerLimit
 from convserve_server.memory import MemoryReleaser
 from convserve_server.metrics import ServerMetrics
 from convserve_server.ports import check_port_free
 from convserve_server.servicers.classifier import ClassifierServicer
 from convserve_server.servicers.inference import InferenceServicer
-from convserve_server.servicers.registration import add_service
+from convserve_server.servicers.registration import add_health_service, add_service
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +95,11 @@ def _connection_age_options(config: ServerConfig) -> list[tuple[str, Any]]:
     ]
 
 
-def _admission(config: ServerConfig, releaser: MemoryReleaser) -> AdmissionInterceptor:
+def _call_guards(config: ServerConfig, releaser: MemoryReleaser) -> CallGuards:
     """Our own admission in place of gRPC's maximum_concurrent_rpcs, which open streams of any kind would fill."""
-    return AdmissionInterceptor(
-        tuple(f"/{name}/" for name in SERVICE_NAMES), ConcurrencyLimit(config.max_concurrent_rpcs),
-        PeerLimit(config.max_watch_streams, config.max_watch_streams_per_peer), config.receive_timeout_s, releaser,
-        PeerLimit(config.max_inference_streams, config.max_inference_streams_per_peer))
+    return CallGuards(config.receive_timeout_s,
+                      PeerLimit(config.max_watch_streams, config.max_watch_streams_per_peer),
+                      PeerLimit(config.max_inference_streams, config.max_inference_streams_per_peer), releaser)
 
 
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -121,15 +121,16 @@ class ConvserveServer:
         self.metrics = metrics
         self.health = health.aio.HealthServicer()
         releaser = MemoryReleaser()
+        # No interceptor without a token: grpc.aio pays for one on every call, whatever it does.
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.auth_token is not None:
             interceptors.append(BearerTokenInterceptor(config.auth_token.get_secret_value(), releaser))
-        interceptors.append(_admission(config, releaser))
+        guards = _call_guards(config, releaser)
         self._server = grpc.aio.server(options=_channel_options(config), interceptors=interceptors)
-        add_service(self._server, INFERENCE_SERVICE, InferenceServicer(core, metrics))
+        add_service(self._server, INFERENCE_SERVICE, InferenceServicer(core, metrics), guards)
         self.decoder = ImageDecoder(config)
-        add_service(self._server, CLASSIFIER_SERVICE, ClassifierServicer(core, metrics, self.decoder))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        add_service(self._server, CLASSIFIER_SERVICE, ClassifierServicer(core, metrics, self.decoder), guards)
+        add_health_service(self._server, self.health, guards)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._server,
@@ -146,9 +147,8 @@ class ConvserveServer:
         except RuntimeError as exc:  # grpcio's only word for a failed bind
             raise StartupError(f"cannot listen on {address}: port busy or host not this machine's") from exc
         self.metrics_port: int | None = None
-        # HTTP/REST beside gRPC (docs/http.md): the same core, batcher, gate, token and certificate; its calls are
-        # counted against max_concurrent_rpcs apart from gRPC's until the count moves to the core.
-        self.http = (HttpFrontEnd(config, core, metrics, self.decoder, ConcurrencyLimit(config.max_concurrent_rpcs))
+        # HTTP/REST beside gRPC (docs/http.md): the same core, batcher, admission, gate, token and certificate.
+        self.http = (HttpFrontEnd(config, core, metrics, self.decoder, core.admission)
                      if config.http_port >= 0 else None)
         self.http_port: int | None = self.http.port if self.http is not None else None
         self._watcher: asyncio.Task[None] | None = None

@@ -2,26 +2,31 @@
 
 Requests join one bounded queue (full: :class:`Overloaded`); a request larger
 than ``max_batch_size`` rows joins it as several chunks, answered together and
-in order.  Each model instance has its own worker thread, the consumer: it
-takes up to ``max_batch_size`` rows from the head of the queue, dropping
-requests whose deadline passed or whose caller gave up, runs the model and
-hands the answers back to the event loop.  With ``max_queue_delay_s`` set, it
-first waits until that long after the oldest queued request arrived for a full
-batch; without, it takes what is queued at once, so a lone request on an idle
-model waits for nothing, and under load batches grow by themselves with what
-queued while the instances computed.
+in order.  Every decision is taken on the event loop, once per loop turn, at
+the end of the turn in which requests arrived (:meth:`DynamicBatcher._dispatch`),
+so requests that arrive together compute together:
 
-Only one instance at a time waits for a batch to fill; a request wakes one
-instance (none while all compute), and an instance leaving requests behind
-wakes the next, so N busy instances compute N batches and the queue fills
-behind them.  The loop's side is a future per request, a lock, and one
-callback per batch: no task is created per request or per batch.
+- **when**: at once; or, with ``max_queue_delay_s`` set, once the batch is full
+  or that long after its oldest request arrived;
+- **what**: one take of up to ``max_batch_size`` rows from the head of the
+  queue, dropping requests whose deadline passed or whose caller gave up;
+- **where**: on the event loop itself when the batch is expected to cost less
+  than handing it to a model-instance thread and back, else on an idle
+  instance thread (none idle: it waits in the queue, growing, until one is).
+  Both costs are measured (:class:`BatchCosts`), at warm-up and as batches run,
+  so a slow or GPU model keeps its threads and never blocks the loop, and a
+  model cheaper than a thread wake-up pays none.
+
+Both places run the same compute function; a batch that fails is run request
+by request, so only a bad request fails.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import statistics
 import threading
 import time
 from collections import deque
@@ -34,6 +39,16 @@ from convserve_server.errors import DeadlineExpired, InvalidInput, ModelNotReady
 
 log = logging.getLogger(__name__)
 
+SMOOTHING = 0.1
+"""Weight of each new measurement in a running cost estimate (about the last ten batches count)."""
+
+CALIBRATION_RUNS = 5
+"""Runs per batch size and hand-offs timed at calibration; the median is kept."""
+
+CALIBRATION_IDLE_S = 0.005
+"""How long an instance thread waits idle before each calibration hand-off: long enough for its vCPU to go idle,
+as between a lone caller's requests."""
+
 
 class BatchObserver(Protocol):
     """Receives the batcher's measurements on the event loop's thread (the server's metrics implement it)."""
@@ -45,6 +60,59 @@ class BatchObserver(Protocol):
         """The number of queued requests changed."""
 
 
+class BatchCosts:
+    """What running a batch costs: the model's time by batch size, and a round trip to an instance thread.
+
+    Until the hand-off has been measured every batch goes to a thread: nothing is assumed cheap.  Estimates
+    for sizes not yet seen are interpolated linearly between the nearest measured sizes (and extrapolated
+    in proportion to the rows beyond the largest).  Updated on the event loop's thread only.
+    """
+
+    def __init__(self, handoff_s: float | None = None, compute_s: dict[int, float] | None = None) -> None:
+        self.handoff_s = handoff_s
+        self._compute_s: dict[int, float] = dict(compute_s or {})
+
+    def cheaper_on_loop(self, rows: int) -> bool:
+        """Whether a batch of ``rows`` is expected to compute faster than a hand-off to a thread and back."""
+        if self.handoff_s is None:
+            return False
+        expected = self.expected_compute_s(rows)
+        return expected is not None and expected < self.handoff_s
+
+    def expected_compute_s(self, rows: int) -> float | None:
+        """The model's expected time for ``rows`` rows, or None before any batch was measured."""
+        known = self._compute_s
+        if rows in known:
+            return known[rows]
+        if not known:
+            return None
+        below = max((size for size in known if size < rows), default=None)
+        above = min((size for size in known if size > rows), default=None)
+        if above is None:
+            assert below is not None
+            return known[below] * rows / below
+        if below is None:
+            return known[above]
+        share = (rows - below) / (above - below)
+        return known[below] + share * (known[above] - known[below])
+
+    def observe_compute(self, rows: int, seconds: float) -> None:
+        """One model call of ``rows`` rows took ``seconds``."""
+        self._compute_s[rows] = _smoothed(self._compute_s.get(rows), seconds)
+
+    def observe_handoff(self, seconds: float) -> None:
+        """A batch's time in transit to a thread and back, its compute excluded."""
+        self.handoff_s = _smoothed(self.handoff_s, seconds)
+
+    def snapshot(self) -> dict[str, object]:
+        """The current estimates, for logs and tests: the hand-off, and the compute time by batch size."""
+        return {"handoff_s": self.handoff_s, "compute_s": dict(sorted(self._compute_s.items()))}
+
+
+def _smoothed(previous: float | None, seconds: float) -> float:
+    return seconds if previous is None else previous + SMOOTHING * (seconds - previous)
+
+
 @dataclass(eq=False)
 class _Pending:
     rows: np.ndarray
@@ -53,11 +121,36 @@ class _Pending:
     enqueued: float = field(default_factory=time.monotonic)
 
 
+@dataclass(eq=False)
+class _Computed:
+    """A batch's outcome: per request its output or its error, with when the computing started and its time.
+
+    ``rows_measured``: the rows of the one clean model call that ``seconds`` timed (0 when the batch failed).
+    """
+
+    outcomes: list[tuple[_Pending, np.ndarray | BaseException]]
+    started: float
+    seconds: float
+    rows_measured: int = 0
+
+
+@dataclass(eq=False)
+class _Job:
+    """A batch handed to an instance thread (empty: a calibration round trip, which runs ``probe``)."""
+
+    batch: list[_Pending]
+    handed: float
+    probe: np.ndarray | None = None
+    computed: list[_Computed] | None = None
+    finished: float = 0.0  # when the thread was done with it (time.monotonic)
+
+
 class DynamicBatcher:
     """Batches calls of ``run_batch`` (rows in, rows out) across concurrent callers.
 
-    ``instances`` worker threads may call ``run_batch`` at once, so it must be
-    safe to call from that many threads (an ONNX Runtime session is).
+    ``instances`` worker threads, and the event loop's thread, may call ``run_batch`` at once, so it must be
+    safe to call from several threads (an ONNX Runtime session is).  ``costs`` holds known estimates (tests
+    use it to pin where batches run); by default they are measured by :meth:`calibrate` and as batches run.
     """
 
     def __init__(
@@ -70,6 +163,7 @@ class DynamicBatcher:
         max_queue_size: int = 1024,
         observer: BatchObserver | None = None,
         name: str = "model",
+        costs: BatchCosts | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be an integer >= 1")
@@ -86,16 +180,21 @@ class DynamicBatcher:
         self._max_queue_size = max_queue_size
         self._observer = observer
         self._name = name
-        self._queue: deque[_Pending] = deque()  # shared with the workers: changed under _lock only
+        self.costs = costs if costs is not None else BatchCosts()
+        # Everything below is read and changed on the loop's thread only; the threads see their jobs.
+        self._queue: deque[_Pending] = deque()
         self._queued_rows = 0
-        self._lock = threading.RLock()
-        self._has_work = threading.Condition(self._lock)  # idle instances wait here for requests
-        self._grew = threading.Condition(self._lock)  # the one instance waiting for a batch to fill waits here
-        self._filling = False  # an instance is waiting up to the queue delay for a full batch
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._idle = 0  # instance threads waiting for a job
+        self._dispatch_handle: asyncio.Handle | None = None  # a dispatch at the end of this loop turn
+        self._fill_timer: asyncio.TimerHandle | None = None  # a dispatch when the queue delay ends
+        self._calibration_done: asyncio.Future[float] | None = None
+        self._return_s = 0.0  # an answer's way back from a thread to an idle loop, measured at calibration
         self._closing = False
         self._stopped_reason: str | None = None  # set when a worker died: the batcher refuses everything
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._running = 0  # worker threads alive; read and changed on the loop's thread
+        self._running = 0  # worker threads alive
+        self._stop_sent = False
         self._stopped: asyncio.Future[None] | None = None
 
     @property
@@ -114,17 +213,62 @@ class DynamicBatcher:
             return
         self._loop = asyncio.get_running_loop()
         self._stopped = self._loop.create_future()
-        self._running = self._instances
+        self._running = self._idle = self._instances
         for index in range(self._instances):
             threading.Thread(target=self._work, name=f"{self._name}-instance-{index}", daemon=True).start()
 
+    async def calibrate(self, sample: np.ndarray) -> None:
+        """Measure the model on ``sample``'s first 1, 2, 4 ... rows (off the loop) and what a hand-off adds.
+
+        Call after :meth:`start`, before requests arrive; ``sample`` holds ``max_batch_size`` rows.  A hand-off
+        is timed as a request on an idle model meets it: a one-row batch handed to an instance thread that
+        has been idle for a moment, from the hand-off until its answer is back on the loop, less the same
+        batch's time run back to back.  That includes waking the thread and its CPU, and the colder caches
+        the model then runs with.
+        """
+        for rows in _calibration_sizes(min(len(sample), self._max_batch_size)):
+            seconds = await asyncio.to_thread(self._time_model, sample[:rows])
+            self.costs.observe_compute(rows, seconds)
+        hot = self.costs.expected_compute_s(1) or 0.0
+        loop = asyncio.get_running_loop()
+        round_trips, returns = [], []
+        for _ in range(CALIBRATION_RUNS):
+            await asyncio.sleep(CALIBRATION_IDLE_S)  # the instance thread goes back to waiting, its CPU idles
+            done = loop.create_future()
+            self._calibration_done = done
+            self._idle -= 1  # an instance takes it now: calibration runs before requests arrive
+            job = _Job([], time.monotonic(), probe=sample[:1])
+            self._jobs.put(job)
+            answered = await done
+            round_trips.append(answered - job.handed)
+            returns.append(answered - job.finished)
+        self._return_s = statistics.median(returns)
+        self.costs.handoff_s = max(statistics.median(round_trips) - hot, 0.0)
+        log.info("%s: a hand-off to an instance thread and back adds %.0f µs; batches expected to cost less "
+                 "run on the event loop (up to %d rows here)", self._name, self.costs.handoff_s * 1e6,
+                 self._largest_on_loop())
+
+    def _time_model(self, rows: np.ndarray) -> float:
+        """The median time of back-to-back runs of the model on ``rows``."""
+        times = []
+        for _ in range(CALIBRATION_RUNS):
+            started = time.monotonic()
+            self._run_batch(rows)
+            times.append(time.monotonic() - started)
+        return statistics.median(times)
+
+    def _largest_on_loop(self) -> int:
+        return max((rows for rows in range(1, self._max_batch_size + 1) if self.costs.cheaper_on_loop(rows)),
+                   default=0)
+
     async def close(self) -> None:
         """Refuse new requests, answer every queued one, then stop the workers."""
-        with self._lock:
-            self._closing = True
-            self._wake_all()
-        if self._stopped is not None:
-            await asyncio.shield(self._stopped)
+        if self._loop is None:
+            return
+        self._closing = True
+        self._schedule_dispatch()
+        assert self._stopped is not None
+        await asyncio.shield(self._stopped)
 
     async def submit(self, rows: np.ndarray, deadline: float | None = None) -> np.ndarray:
         """Queue ``rows`` and await their results; larger requests are split and reassembled in order.
@@ -147,14 +291,11 @@ class DynamicBatcher:
         else:
             pending = [_Pending(rows[start : start + size], loop.create_future(), deadline)
                        for start in range(0, len(rows), size)]
-        with self._lock:
-            if len(self._queue) + len(pending) > self._max_queue_size:
-                raise Overloaded(f"queue full ({self._max_queue_size} requests waiting); retry later")
-            self._queue.extend(pending)
-            self._queued_rows += len(rows)
-            # Wake one instance only: the one filling a batch, else an idle one (none if all compute).
-            (self._grew if self._filling else self._has_work).notify()
-        self._report_depth()
+        if len(self._queue) + len(pending) > self._max_queue_size:
+            raise Overloaded(f"queue full ({self._max_queue_size} requests waiting); retry later")
+        self._queue.extend(pending)
+        self._queued_rows += len(rows)
+        self._schedule_dispatch()
         if len(pending) == 1:
             return await pending[0].future
         return np.concatenate(await asyncio.gather(*(item.future for item in pending)))
@@ -167,45 +308,158 @@ class DynamicBatcher:
                                f"{self._max_batch_size}, more than the queue holds (max_queue_size "
                                f"{self._max_queue_size}): send at most {limit} images a request")
 
-    # --- on the loop's thread: answers from the workers ---------------------------------------
+    # --- on the loop's thread: when, what and where -------------------------------------------
 
-    def _report_depth(self) -> None:
-        if self._observer is not None:
-            self._observer.observe_queue_depth(len(self._queue))
+    def _schedule_dispatch(self) -> None:
+        """Dispatch once at the end of this loop turn, whatever else arrives in it."""
+        if self._dispatch_handle is None and self._loop is not None:
+            self._dispatch_handle = self._loop.call_soon(self._dispatch)
 
-    def _answer(self, batch: list[_Pending], outputs: list[np.ndarray], started: float, seconds: float) -> None:
-        """Settle the futures of one model call."""
-        for item, output in zip(batch, outputs):
-            if not item.future.done():  # else its caller gave up while it computed
-                item.future.set_result(output)
+    def _dispatch(self) -> None:
+        """Start what the queue and the instances allow: batches for every idle instance that a batch is too
+        dear to run here, or one cheap batch here (then again next turn, with what arrived meanwhile)."""
+        self._dispatch_handle = None
+        while self._queue and self._stopped_reason is None:
+            wait_s = self._fill_wait_s()
+            if wait_s > 0:
+                self._dispatch_later(wait_s)
+                break
+            here = self.costs.cheaper_on_loop(min(self._queued_rows, self._max_batch_size))
+            if not here and not self._idle:
+                break  # an instance that finishes dispatches again; meanwhile the queue grows
+            batch = self._take()
+            if not batch:
+                continue
+            if here:
+                self._compute_here(batch)
+                if self._queue or self._closing:
+                    self._schedule_dispatch()
+                break
+            self._idle -= 1
+            self._jobs.put(_Job(batch, time.monotonic()))
         self._report_depth()
-        if self._observer is not None:
-            self._observer.observe_batch(sum(len(item.rows) for item in batch),
-                                         [started - item.enqueued for item in batch], seconds)
+        if self._closing and not self._queue and self._idle == self._running and not self._stop_sent:
+            self._stop_sent = True
+            for _ in range(self._running):
+                self._jobs.put(None)
+
+    def _dispatch_later(self, wait_s: float) -> None:
+        """Dispatch again in ``wait_s`` (the queue delay); a dispatch at the end of a turn may come first."""
+        assert self._loop is not None
+        when = self._loop.time() + wait_s
+        if self._fill_timer is not None:
+            if self._fill_timer.when() <= when:
+                return
+            self._fill_timer.cancel()
+        self._fill_timer = self._loop.call_at(when, self._fill_time_over)
+
+    def _fill_time_over(self) -> None:
+        self._fill_timer = None
+        self._dispatch()
+
+    def _compute_here(self, batch: list[_Pending]) -> None:
+        """Compute a cheap batch on the loop's thread and answer it; a broken model stops the batcher."""
+        try:
+            calls = self._compute(batch)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # not a bad request (those are caught per batch): the model is broken
+            reason = f"batcher stopped: {type(exc).__name__}: {exc}"
+            log.error("%s: the model failed on the event loop", self._name, exc_info=True)
+            self._fail(batch, ModelNotReady(reason))
+            self._stop_for(reason)
+            return
+        for computed in calls:
+            self._settle(computed)
+
+    def _fill_wait_s(self) -> float:
+        """How much longer the queue delay holds the head's batch for more rows (0: run it now)."""
+        if self._max_queue_delay_s <= 0 or self._closing or self._queued_rows >= self._max_batch_size:
+            return 0.0
+        return max(self._queue[0].enqueued + self._max_queue_delay_s - time.monotonic(), 0.0)
+
+    def _take(self) -> list[_Pending]:
+        """Pop up to ``max_batch_size`` rows from the queue's head; fail expired requests, skip cancelled ones."""
+        batch: list[_Pending] = []
+        expired: list[_Pending] = []
+        rows = 0
+        now = time.monotonic()
+        pending = self._queue
+        while pending and rows + len(pending[0].rows) <= self._max_batch_size:
+            item = pending.popleft()
+            self._queued_rows -= len(item.rows)
+            if item.future.done():  # its caller gave up
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                expired.append(item)
+                continue
+            batch.append(item)
+            rows += len(item.rows)
+        self._fail(expired, DeadlineExpired("deadline passed while queued"))
+        return batch
+
+    def _settle(self, computed: _Computed) -> None:
+        """Answer the requests of one computed batch and report it."""
+        answered = []
+        for item, outcome in computed.outcomes:
+            if item.future.done():  # its caller gave up while it computed
+                continue
+            if isinstance(outcome, BaseException):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+                answered.append(item)
+        if computed.rows_measured:
+            self.costs.observe_compute(computed.rows_measured, computed.seconds)
+        if answered and self._observer is not None:
+            self._observer.observe_batch(sum(len(item.rows) for item in answered),
+                                         [computed.started - item.enqueued for item in answered], computed.seconds)
 
     def _fail(self, items: list[_Pending], error: BaseException) -> None:
         """Fail the futures of requests that were not, or could not be, computed."""
         for item in items:
             if not item.future.done():
                 item.future.set_exception(error)
-        self._report_depth()
 
-    def _worker_stopped(self, reason: str | None) -> None:
-        if reason is not None and self._stopped_reason is None:
-            self._stopped_reason = reason
-            self._fail_queued(reason)
+    def _report_depth(self) -> None:
+        if self._observer is not None:
+            self._observer.observe_queue_depth(len(self._queue))
+
+    def _job_done(self, job: _Job) -> None:
+        """An instance thread finished ``job``: answer it, learn from its timing, dispatch what waits."""
+        self._idle += 1
+        answered = time.monotonic()
+        calls = job.computed
+        if calls is None:  # a calibration round trip
+            assert self._calibration_done is not None
+            self._calibration_done.set_result(answered)
+        else:
+            # Only the way there is measured here: the way back waits behind whatever else the loop is doing,
+            # which a batch computed on the loop waits behind as well.
+            self.costs.observe_handoff((calls[0].started - job.handed) + self._return_s)
+            for computed in calls:
+                self._settle(computed)
+        self._schedule_dispatch()
+
+    def _worker_stopped(self, job: _Job | None, reason: str | None) -> None:
         self._running -= 1
+        if reason is not None:
+            if job is not None:
+                self._fail(job.batch, ModelNotReady(reason))
+            self._stop_for(reason)
         if self._running == 0 and self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
 
-    def _fail_queued(self, reason: str) -> None:
-        with self._lock:
+    def _stop_for(self, reason: str) -> None:
+        """The model or an instance is broken: fail what is queued, refuse what comes, stop the instances."""
+        if self._stopped_reason is None:
+            self._stopped_reason = reason
             self._closing = True
-            failed = list(self._queue)
+            self._fail(list(self._queue), ModelNotReady(reason))
             self._queue.clear()
             self._queued_rows = 0
-            self._wake_all()
-        self._fail(failed, ModelNotReady(reason))
+            self._report_depth()
+        self._schedule_dispatch()  # stops the idle instances
 
     def _post(self, callback: Callable[..., object], *args: object) -> None:
         """Run ``callback(*args)`` on the loop's thread (from a worker)."""
@@ -215,100 +469,21 @@ class DynamicBatcher:
         except RuntimeError:  # the loop is closed: nobody awaits these answers any more
             pass
 
-    # --- on a worker thread -------------------------------------------------------------------
+    # --- on the loop's thread or an instance thread -------------------------------------------
 
-    def _work(self) -> None:
-        """One model instance: form a batch, run it, hand the answers to the loop; until closed and drained."""
-        batch: list[_Pending] | None = []
-        reason = None
-        try:
-            while True:
-                batch = self._next_batch()
-                if batch is None:
-                    return
-                if batch:
-                    self._compute(batch)
-                batch = []
-        except BaseException as exc:  # not a bad request (those are caught per batch): the batcher is broken
-            reason = f"batcher stopped: {type(exc).__name__}: {exc}"
-            log.error("%s: model instance %s stopped unexpectedly", self._name, threading.current_thread().name,
-                      exc_info=True)
-            self._post(self._fail, batch or [], ModelNotReady(reason))
-        finally:
-            self._post(self._worker_stopped, reason)
-
-    def _wake_all(self) -> None:
-        """Wake every waiting instance (closing); called with the lock held."""
-        self._has_work.notify_all()
-        self._grew.notify_all()
-
-    def _next_batch(self) -> list[_Pending] | None:
-        """The next batch to run (empty when all taken had expired or were cancelled); None once closed and
-        drained.  Only one instance at a time waits for a batch to fill; the others wait for work."""
-        with self._lock:
-            while not self._queue or self._filling:
-                if self._closing and not self._queue:
-                    return None
-                self._has_work.wait()
-            if self._max_queue_delay_s > 0 and not self._closing:
-                self._filling = True
-                try:
-                    fill_by = self._queue[0].enqueued + self._max_queue_delay_s
-                    while self._queued_rows < self._max_batch_size and not self._closing:
-                        remaining = fill_by - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        self._grew.wait(remaining)
-                finally:
-                    self._filling = False
-            batch = self._take()
-            if self._closing:  # the others may wait behind this one's filling: let them see the queue now
-                self._has_work.notify_all()
-            elif self._queue:  # more than one batch was queued: an idle instance takes the next
-                self._has_work.notify()
-            return batch
-
-    def _take(self) -> list[_Pending]:
-        """Pop up to ``max_batch_size`` rows from the queue's head; fail expired requests, skip cancelled ones.
-        Called with the lock held."""
-        batch: list[_Pending] = []
-        expired: list[_Pending] = []
-        cancelled = False
-        rows = 0
-        now = time.monotonic()
-        queue = self._queue
-        while queue and rows + len(queue[0].rows) <= self._max_batch_size:
-            item = queue.popleft()
-            self._queued_rows -= len(item.rows)
-            # A future read from this thread: at worst a cancellation is seen late and its answer discarded.
-            if item.future.done():
-                cancelled = True
-                continue
-            if item.deadline is not None and now >= item.deadline:
-                expired.append(item)
-                continue
-            batch.append(item)
-            rows += len(item.rows)
-        if expired:
-            self._post(self._fail, expired, DeadlineExpired("deadline passed while queued"))
-        elif cancelled and not batch:  # nothing else will report the queue's new depth
-            self._post(self._report_depth)
-        return batch
-
-    def _compute(self, batch: list[_Pending]) -> None:
-        """Run one batch; if it fails, run each request alone, so that only a bad one fails."""
+    def _compute(self, batch: list[_Pending]) -> list[_Computed]:
+        """Run one batch as one model call; if it fails, run each request alone, so that only a bad one fails.
+        One outcome per model call."""
         started = time.monotonic()
         try:
             outputs = self._run_rows([item.rows for item in batch])
         except Exception as exc:
-            if len(batch) == 1:
-                self._post(self._fail, batch, exc)
-                return
+            if len(batch) <= 1:
+                return [_Computed([(item, exc) for item in batch], started, time.monotonic() - started)]
             log.warning("%s: a batch of %d requests failed (%s); running each alone", self._name, len(batch), exc)
-            for item in batch:
-                self._compute([item])
-            return
-        self._post(self._answer, batch, outputs, started, time.monotonic() - started)
+            return [computed for item in batch for computed in self._compute([item])]
+        seconds = time.monotonic() - started
+        return [_Computed(list(zip(batch, outputs)), started, seconds, sum(len(item.rows) for item in batch))]
 
     def _run_rows(self, parts: list[np.ndarray]) -> list[np.ndarray]:
         """One model call for all parts, its output checked and split back per part."""
@@ -319,3 +494,30 @@ class DynamicBatcher:
         if len(parts) == 1:
             return [output]
         return np.split(output, np.cumsum([len(part) for part in parts])[:-1])
+
+    # --- on an instance thread ----------------------------------------------------------------
+
+    def _work(self) -> None:
+        """One model instance: run the jobs handed to it until told to stop (None)."""
+        job: _Job | None = None
+        reason = None
+        try:
+            while (job := self._jobs.get()) is not None:
+                if job.batch:
+                    job.computed = self._compute(job.batch)
+                elif job.probe is not None:
+                    self._run_batch(job.probe)
+                job.finished = time.monotonic()
+                self._post(self._job_done, job)
+                job = None
+        except BaseException as exc:  # not a bad request (those are caught per batch): the batcher is broken
+            reason = f"batcher stopped: {type(exc).__name__}: {exc}"
+            log.error("%s: model instance %s stopped unexpectedly", self._name, threading.current_thread().name,
+                      exc_info=True)
+        finally:
+            self._post(self._worker_stopped, job, reason)
+
+
+def _calibration_sizes(largest: int) -> list[int]:
+    """1, 2, 4 ... up to and including ``largest``."""
+    return sorted({1, largest, *(2**i for i in range(largest.bit_length()) if 2**i < largest)})

@@ -29,7 +29,8 @@ class ServerConfig(BaseSettings):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N; cuda never falls back to the CPU")
     max_batch_size: int = Field(64, ge=1, le=4096, description="most images the model runs at once")
     max_queue_delay_us: int = Field(0, ge=0, le=10_000_000, description="how long after the oldest queued request "
-                                    "arrived an idle instance may wait for a full batch (0: take what is queued at once)")
+                                    "arrived the batcher may wait for a full batch (0: take what is queued at the end "
+                                    "of each event-loop turn)")
     max_queue_size: int = Field(1024, ge=1, description="queued requests per model before RESOURCE_EXHAUSTED (a "
                                 "request larger than max_batch_size counts once per chunk)")
     max_concurrent_rpcs: int = Field(4096, ge=1, description="model calls in progress (counted once their request "
@@ -39,16 +40,17 @@ class ServerConfig(BaseSettings):
                                      "whole request message; past it, DEADLINE_EXCEEDED")
     max_concurrent_streams: int = Field(256, ge=1, description="HTTP/2 streams (calls) open at once on one connection; "
                                         "a client queues further calls until one ends")
-    max_watch_streams: int = Field(256, ge=0, description="health Watch streams open at once, in all; beyond, "
-                                   "RESOURCE_EXHAUSTED")
-    max_watch_streams_per_peer: int = Field(16, ge=0, description="health Watch streams open at once from one peer "
-                                            "address")
+    max_watch_streams: int = Field(4096, ge=0, description="health Watch streams open at once, in all; beyond, "
+                                   "UNIMPLEMENTED, which gRPC's client-side health checking takes as healthy")
+    max_watch_streams_per_peer: int = Field(1024, ge=0, description="health Watch streams open at once from one peer "
+                                            "address (a host, a NAT gateway or a node of a pod network)")
     max_inference_streams: int = Field(1024, ge=0, description="ModelStreamInfer streams open at once, in all; "
                                        "beyond, RESOURCE_EXHAUSTED")
     max_inference_streams_per_peer: int = Field(256, ge=0, description="ModelStreamInfer streams open at once from "
                                                 "one peer address")
     model_instances: int = Field(2, ge=1, le=64, description="batches of one model that may compute at once, each "
-                                 "on its own worker thread (like Triton's instance count); on the CPU, with "
+                                 "on its own worker thread (like Triton's instance count; a batch cheaper than a "
+                                 "hand-off to a thread runs on the event loop instead); on the CPU, with "
                                  "intra-op threads 0, each gets an equal share of the physical cores")
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads of each model instance (0: "
                                   "the physical cores shared out among the instances)")
@@ -93,8 +95,17 @@ class ServerConfig(BaseSettings):
     max_image_pixels: int = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1, description="Classify encoded_images: most pixels "
                                   "(width × height, read from the file's header before decoding) of one image; "
                                   "decoding costs up to 4 bytes a pixel")
-    decode_threads: int = Field(2, ge=1, le=64, description="threads decoding Classify encoded_images, off the event "
-                                "loop (each request's images decode together on one of them)")
+    decode_threads: int = Field(2, ge=1, le=64, description="threads decoding the Classify encoded_images of small plain "
+                                "PNGs, off the event loop (each request's images decode together on one of them)")
+    decode_processes: int = Field(2, ge=1, le=64, description="processes decoding Classify encoded_images (all but "
+                                  "small plain PNGs, which decode on the threads); a decode past its time is "
+                                  "stopped by killing its process, which is then replaced")
+    decode_timeout_s: float = Field(10.0, gt=0, le=3600, description="Classify encoded_images: most time one "
+                                    "request's images may take to decode (the caller's deadline, if sooner, wins); "
+                                    "past it, the decode is killed and the call is INVALID_ARGUMENT")
+    max_request_pixels: int = Field(500_000_000, ge=1, description="Classify encoded_images: most pixels (width × "
+                                    "height, read from the headers before decoding) of one request, all its images "
+                                    "together")
     workers: int = Field(1, ge=1, le=64, description="server processes sharing the port (SO_REUSEPORT)")
     tls_cert: Path | None = Field(None, description="server certificate PEM (turns on TLS)")
     tls_key: Path | None = Field(None, description="server private key PEM")

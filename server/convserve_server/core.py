@@ -24,6 +24,7 @@ from convserve_server.config import ServerConfig
 from convserve_server.errors import (
     InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, StartupError, quoted,
 )
+from convserve_server.limits import ConcurrencyLimit
 from convserve_server.runtime import CPU, DeviceRequest, OnnxModel
 from convserve_server.shutdown_gate import ShutdownGate
 from convserve_server.statistics import VersionStatistics
@@ -133,6 +134,7 @@ class InferenceCore:
         self.shutting_down = False  # not ready from here on; requests are still answered until the drain
         self.draining = False
         self.shutdown_gate = ShutdownGate()  # which calls may start work; the server closes it to drain
+        self.admission = ConcurrencyLimit(config.max_concurrent_rpcs)  # calls in progress, of every front end
         self._readiness_listeners: list[ReadinessListener] = []
         self._reported_ready = False
 

@@ -1,4 +1,8 @@
-"""The dynamic batcher on its own: pure asyncio, a fake model gated by events, no network, no timed waits."""
+"""The dynamic batcher on its own: pure asyncio, a fake model gated by events, no network, no timed waits.
+
+Most tests pin every batch to the instance threads (:class:`ThreadsOnly`), where a gated model can hold a
+batch while the test goes on; the placement tests at the end give the batcher known or measured costs.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from convserve_server.batcher import DynamicBatcher
+from convserve_server.batcher import BatchCosts, DynamicBatcher
 from convserve_server.errors import DeadlineExpired, InvalidInput, ModelNotReady, Overloaded
 
 
@@ -80,13 +84,20 @@ class DepthWatcher:
             await asyncio.wait_for(self._depth_changed.wait(), 10)
 
 
+class ThreadsOnly(BatchCosts):
+    """Costs under which every batch is dearer than a hand-off: it runs on an instance thread."""
+
+    def cheaper_on_loop(self, rows: int) -> bool:
+        return False
+
+
 def rows(*values: float) -> np.ndarray:
     return np.array([[v] for v in values], dtype=np.float32)
 
 
 async def started(model: GatedModel, **settings) -> tuple[DynamicBatcher, DepthWatcher]:
     watcher = DepthWatcher()
-    batcher = DynamicBatcher(model, observer=watcher, **{"max_batch_size": 8, **settings})
+    batcher = DynamicBatcher(model, observer=watcher, **{"max_batch_size": 8, "costs": ThreadsOnly(), **settings})
     batcher.start()
     return batcher, watcher
 
@@ -98,17 +109,23 @@ async def busy(model: GatedModel, batcher: DynamicBatcher, first: np.ndarray, in
     return running
 
 
-async def test_a_lone_request_on_an_idle_model_reaches_the_model_with_the_event_loop_blocked():
+async def end_of_turn() -> None:
+    """Let the loop finish this turn and run what it scheduled for the next (the batcher's dispatch)."""
+    for _ in range(2):
+        await asyncio.sleep(0)
+
+
+async def test_requests_of_one_loop_turn_reach_the_model_together_with_nothing_between():
     model = GatedModel(gated=True)
     batcher, _ = await started(model)
-    lone = asyncio.ensure_future(batcher.submit(rows(1, 2)))
-    await asyncio.sleep(0)  # one turn of the loop: the task runs up to its await
-    # Block the loop's thread: if a timer, a task or a hold stood between the request and the model, the
-    # model would never be entered.
+    together = [asyncio.ensure_future(batcher.submit(rows(value))) for value in (1, 2, 3)]
+    await end_of_turn()
+    # Block the loop's thread: if a timer, a task or a hold stood between the turn and the model, the model
+    # would never be entered.
     model.wait_inside(1)
     model.gate.set()
-    np.testing.assert_array_equal(await lone, rows(2, 4))
-    assert model.calls == [[1, 2]]
+    assert [float(r[0, 0]) for r in await asyncio.gather(*together)] == [2, 4, 6]
+    assert model.calls == [[1, 2, 3]]
     await batcher.close()
 
 
@@ -116,7 +133,7 @@ async def test_with_a_queue_delay_a_full_batch_goes_at_once():
     model = GatedModel(gated=True)
     batcher, _ = await started(model, max_batch_size=2, max_queue_delay_s=3600)
     full = asyncio.ensure_future(batcher.submit(rows(3, 4)))
-    await asyncio.sleep(0)
+    await end_of_turn()
     model.wait_inside(1)
     model.gate.set()
     np.testing.assert_array_equal(await full, rows(6, 8))
@@ -328,3 +345,94 @@ def test_bad_settings_are_refused():
 async def test_a_batcher_not_started_refuses_requests():
     with pytest.raises(ModelNotReady):
         await DynamicBatcher(lambda b: b, max_batch_size=1).submit(rows(1))
+
+
+# --- where a batch runs -------------------------------------------------------------------------
+
+
+async def test_a_batch_cheaper_than_a_hand_off_runs_on_the_event_loop():
+    model = GatedModel()
+    batcher, watcher = await started(model, costs=BatchCosts(handoff_s=1e-3, compute_s={1: 1e-6, 8: 8e-6}))
+    results = await asyncio.gather(*(batcher.submit(rows(value)) for value in (1, 2, 3)))
+    assert [float(r[0, 0]) for r in results] == [2, 4, 6]
+    assert model.calls == [[1, 2, 3]]
+    assert model.threads == {threading.current_thread().name}
+    assert watcher.batches == [(3, 3)]
+    await batcher.close()
+
+
+async def test_a_batch_dearer_than_a_hand_off_runs_on_a_thread_while_the_loop_stays_free():
+    model = GatedModel(gated=True)
+    batcher, _ = await started(model, costs=BatchCosts(handoff_s=1e-4, compute_s={1: 0.02}))
+    dear = asyncio.ensure_future(batcher.submit(rows(5)))
+    await asyncio.to_thread(model.wait_inside, 1)  # the loop runs on while the model holds its batch
+    assert not dear.done()
+    model.gate.set()
+    assert float((await dear)[0, 0]) == 10
+    assert threading.current_thread().name not in model.threads
+    await batcher.close()
+
+
+async def test_a_cheap_batch_runs_here_while_the_instances_are_busy_with_dear_ones():
+    model = GatedModel(gated=True)
+    costs = BatchCosts(handoff_s=1e-3, compute_s={1: 1e-6, 2: 1.0})
+    batcher, _ = await started(model, max_batch_size=2, costs=costs)
+    dear = asyncio.ensure_future(batcher.submit(rows(1, 2)))
+    await asyncio.to_thread(model.wait_inside, 1)
+    model.gate.set()  # the thread's batch still holds the instance until it answers; this one runs here
+    assert float((await batcher.submit(rows(7)))[0, 0]) == 14
+    np.testing.assert_array_equal(await dear, rows(2, 4))
+    assert threading.current_thread().name in model.threads and len(model.threads) == 2
+    await batcher.close()
+
+
+async def test_a_crash_on_the_event_loop_stops_the_batcher_and_fails_its_requests():
+    model = GatedModel()
+    batcher, _ = await started(model, costs=BatchCosts(handoff_s=1e-3, compute_s={1: 1e-6}))
+    with pytest.raises(ModelNotReady, match="batcher stopped: ModelCrash"):
+        await batcher.submit(rows(-1))
+    assert not batcher.running
+    with pytest.raises(ModelNotReady, match="batcher stopped"):
+        await batcher.submit(rows(1))
+    await asyncio.wait_for(batcher.close(), 10)
+
+
+class SleepingModel:
+    """A model whose every call takes ``seconds`` (off the loop, a thread's sleep is what a busy model looks
+    like to the loop); records the threads it ran on."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.threads: set[str] = set()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.threads.add(threading.current_thread().name)
+        if self.seconds:
+            time.sleep(self.seconds)
+        return batch[:, :1] * 2
+
+
+@pytest.mark.parametrize("seconds, on_loop", [(0.0, True), (0.05, False)])
+async def test_calibration_measures_the_model_and_the_hand_off_and_places_batches_by_them(seconds, on_loop):
+    model = SleepingModel(seconds)
+    batcher = DynamicBatcher(model, max_batch_size=2)
+    batcher.start()
+    assert not batcher.costs.cheaper_on_loop(1)  # nothing measured: nothing assumed cheap
+    await batcher.calibrate(np.zeros((2, 1), dtype=np.float32))
+    assert batcher.costs.handoff_s is not None and batcher.costs.handoff_s > 0
+    assert batcher.costs.expected_compute_s(2) >= seconds
+    model.threads.clear()
+    assert float((await batcher.submit(rows(4)))[0, 0]) == 8
+    assert (threading.current_thread().name in model.threads) is on_loop
+    await batcher.close()
+
+
+def test_costs_are_interpolated_between_measured_sizes_and_follow_new_measurements():
+    costs = BatchCosts(handoff_s=1e-3, compute_s={1: 1e-4, 4: 4e-4})
+    assert costs.expected_compute_s(2) == pytest.approx(2e-4)
+    assert costs.expected_compute_s(8) == pytest.approx(8e-4)  # beyond the largest: in proportion
+    assert costs.cheaper_on_loop(4) and not costs.cheaper_on_loop(16)
+    for _ in range(10):  # the model got slow: the estimate follows within a few batches
+        costs.observe_compute(4, 0.02)
+    assert not costs.cheaper_on_loop(4)
+    assert BatchCosts().expected_compute_s(1) is None

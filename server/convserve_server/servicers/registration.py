@@ -1,4 +1,5 @@
-"""Registering servicers so that a request that is not valid protobuf reaches them as :class:`MalformedRequest`.
+"""Registering servicers with their per-call guards (:mod:`convserve_server.admission`), and so that a request
+that is not valid protobuf reaches them as :class:`MalformedRequest`.
 
 With the generated ``add_*_to_server`` helpers, bytes that fail to parse end
 the call as UNKNOWN inside grpcio, before any servicer code runs.  Here the
@@ -11,9 +12,15 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import grpc
+import grpc.aio
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2
+
+from convserve_server.admission import CallGuards
+
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 @dataclass(frozen=True)
@@ -36,10 +43,11 @@ def tolerant_parser(message_class: type[Message]) -> Callable[[bytes], Message |
     return parse
 
 
-def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any) -> None:
-    """Serve every method of ``service`` from the same-named method of ``servicer``.
+def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: Any, guards: CallGuards) -> None:
+    """Serve every method of ``service`` from the same-named method of ``servicer``, under ``guards``.
 
-    Methods are unary, or streaming both ways (the servicer's method then receives the request iterator).
+    Methods are unary (read under the receive timeout), or streaming both ways (the servicer's method then
+    receives the request iterator; ModelStreamInfer runs in a slot of the inference streams).
     """
     handlers = {}
     for method in service.methods:
@@ -47,11 +55,30 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: A
         response_class = message_factory.GetMessageClass(method.output_type)
         if method.client_streaming != method.server_streaming:
             raise ValueError(f"{method.full_name}: only unary and bidirectional streaming methods are served")
-        make_handler = grpc.stream_stream_rpc_method_handler if method.client_streaming \
-            else grpc.unary_unary_rpc_method_handler
+        behavior = getattr(servicer, method.name)
+        if method.client_streaming:
+            behavior = guards.inference_stream(behavior)
+            make_handler = grpc.stream_stream_rpc_method_handler
+        else:
+            behavior = guards.unary(behavior)
+            make_handler = grpc.stream_unary_rpc_method_handler
         handlers[method.name] = make_handler(
-            getattr(servicer, method.name),
-            request_deserializer=tolerant_parser(request_class),
+            behavior,
+            request_deserializer=guards.noting_large(tolerant_parser(request_class)),
             response_serializer=response_class.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def add_health_service(server: grpc.aio.Server, servicer: health.aio.HealthServicer, guards: CallGuards) -> None:
+    """Serve gRPC's standard health service from ``servicer``: Check under the receive timeout, Watch also
+    bounded per peer and in all."""
+    parse = guards.noting_large(health_pb2.HealthCheckRequest.FromString)
+    serialize = health_pb2.HealthCheckResponse.SerializeToString
+    handlers = {
+        "Check": grpc.stream_unary_rpc_method_handler(guards.unary(servicer.Check), request_deserializer=parse,
+                                                      response_serializer=serialize),
+        "Watch": grpc.stream_stream_rpc_method_handler(guards.watch(servicer.Watch), request_deserializer=parse,
+                                                       response_serializer=serialize),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(HEALTH_SERVICE, handlers),))

@@ -1,4 +1,4 @@
-"""The one place where domain errors become gRPC status codes, and where requests are counted."""
+"""The one place where domain errors become gRPC status codes, and where requests are admitted and counted."""
 
 from __future__ import annotations
 
@@ -75,15 +75,21 @@ class Failure(NamedTuple):
 
 async def answer(servicer: ServicerBase, method: str, handler: Handler[Response], request: Any,
                  context: grpc.aio.ServicerContext) -> Response | Failure:
-    """Run ``handler`` for one request under the shutdown gate and count it: its response, or how it failed.
+    """Run ``handler`` for one request and count it: its response, or how it failed.
 
-    Domain errors become their status codes; anything else is logged and hidden behind INTERNAL.
+    It runs in one of the core's admission slots (none free: RESOURCE_EXHAUSTED at once) and under the
+    shutdown gate. Domain errors become their status codes; anything else is logged and hidden behind INTERNAL.
     """
     started = time.monotonic()
+    admission = servicer.core.admission
+    admitted = False
     try:
         if isinstance(request, MalformedRequest):
             raise InvalidInput(f"request is not a valid {request.message_type} message: "
                                f"{request.error.rsplit(': ', 1)[-1]}")
+        admitted = admission.try_enter()
+        if not admitted:
+            raise Overloaded(f"server busy: {admission.limit} calls in progress; retry later")
         async with servicer.core.shutdown_gate.call(deadline_of(context)):
             response = await handler(servicer, request, context)
     except ServingError as exc:
@@ -97,6 +103,9 @@ async def answer(servicer: ServicerBase, method: str, handler: Handler[Response]
     else:
         servicer.count(request, method, grpc.StatusCode.OK, started)
         return response
+    finally:
+        if admitted:
+            admission.leave()
     # Counted before the status goes out: a caller that reads /metrics once it has its error sees it there.
     servicer.count(request, method, failure.code, started)
     return failure
