@@ -101,6 +101,9 @@ def _pod_problems(pod: Manifest, present: set[tuple[str, str]]) -> Iterator[str]
         yield f"service account {account} is neither created nor a prerequisite"
     containers = [*pod.get("initContainers", []), *pod["containers"]]
     names = {c["name"]: c for c in containers}
+    mounted = {mount["name"] for container in containers for mount in container.get("volumeMounts", [])}
+    for unused in sorted(set(volumes) - mounted):
+        yield f"volume {unused} is mounted by no container"
     for container in containers:
         where = f"container {container['name']}"
         for mount in container.get("volumeMounts", []):

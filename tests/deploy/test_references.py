@@ -72,12 +72,13 @@ def test_the_check_finds_each_kind_of_dangling_reference():
     find(objects, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["name"] = "convserver"
     find(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"] = {"app": "convserve"}
     del find(objects, "Service", "convserve")["metadata"]["namespace"]
+    pod["volumes"].append({"name": "scratch", "emptyDir": {}})
     problems = "\n".join(reference_problems(objects, KUBERNETES_PREREQUISITES))
     for expected in ["volume models has 2 sources", "PersistentVolumeClaim convserve-models",
                      "asks port 9999", "container sidecar", "Secret convserve-token", "service account convserve",
                      "Service/convserve: its selector matches no pod", "targets grcp",
                      "scales Deployment/convserver", "PodDisruptionBudget/convserve: its selector",
-                     "Service/convserve: no namespace"]:
+                     "Service/convserve: no namespace", "volume scratch is mounted by no container"]:
         assert expected in problems, f"{expected!r} not reported:\n{problems}"
     del models["emptyDir"]
     assert "volume models has" not in "\n".join(reference_problems(objects, KUBERNETES_PREREQUISITES))
