@@ -203,7 +203,8 @@ class State:
 
 
 def model_info(settings: Settings, state: State, target: Target, refresh: bool = False) -> Plan[ModelInfo]:
-    """The description of ``target``'s model: asked of the server the first time, when ``refresh``, else remembered."""
+    """The description of ``target``'s model: asked of the server the first time and when ``refresh``, else
+    remembered."""
     if refresh or target not in state.latest:
         request = classifier_pb2.GetModelInfoRequest(model_name=target.model_name, model_version=target.model_version)
         state.remember(_wire.parse_model_info((yield from call(Method.MODEL_INFO, request, settings))), target)
@@ -213,11 +214,12 @@ def model_info(settings: Settings, state: State, target: Target, refresh: bool =
 def version_info(settings: Settings, state: State, name: str, version: str) -> Plan[ModelInfo]:
     """The description of version ``version`` of ``name``: remembered, or asked for by version, of a replica that
     serves it (another one is tried while one answers NOT_FOUND)."""
-    if (name, version) not in state.by_version:
-        request = classifier_pb2.GetModelInfoRequest(model_name=name, model_version=version)
-        reply = yield from call(Method.MODEL_INFO, request, settings, retry_not_found=True)
-        state.remember(_wire.parse_model_info(reply))
-    return state.by_version[(name, version)]
+    if (name, version) in state.by_version:
+        return state.by_version[(name, version)]
+    request = classifier_pb2.GetModelInfoRequest(model_name=name, model_version=version)
+    info = _wire.parse_model_info((yield from call(Method.MODEL_INFO, request, settings, retry_not_found=True)))
+    state.remember(info)
+    return info
 
 
 class Parallel(NamedTuple):
