@@ -24,7 +24,7 @@ endif
 SERVE_STAMP := $(VENV)/.installed-serve-$(ORT_BUILD)
 DEV_STAMP := $(VENV)/.installed-dev-$(ORT_BUILD)
 
-.PHONY: install install-serve train serve test perf-deps soak bench proto docs clean
+.PHONY: install install-serve train serve test perf-deps browser-deps soak bench proto docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -78,7 +78,7 @@ serve: train
 		--http-host $(HOST)
 
 ## test: the whole test suite (the soak test is left to `make soak`)
-test: install perf-deps
+test: install perf-deps browser-deps
 	$(BIN)/python -m pytest -m "not soak"
 
 ## perf-deps: Debian's libb64-0d, which perf_analyzer (in the tritonclient wheel) needs; installed where apt-get
@@ -87,6 +87,13 @@ perf-deps:
 	@ldconfig -p | grep -q 'libb64\.so\.0d' || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null; } \
 		|| echo "libb64-0d not installed: the perf_analyzer test will skip (apt-get install libb64-0d)"
+
+## browser-deps: Debian's chromium and chromium-driver, for the test of the page at / (tests/server/http/test_page.py);
+## installed where apt-get can as root, else that test skips and says so
+browser-deps:
+	@{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+		|| echo "chromium not installed: the page's browser test will skip (apt-get install chromium chromium-driver)"
 
 ## soak: the long soak test
 soak: install
