@@ -3,7 +3,7 @@
 Prints one line per image, after a ``# model NAME version V`` line naming the
 model and version that answered (again before any line another version
 answered), or one JSON document with ``--json`` (each result with its
-``model`` and ``model_version``).  A folder stands for the image files in it
+``model_name`` and ``model_version``).  A folder stands for the image files in it
 (by extension; ``--recursive`` for its subfolders too).  An image that cannot
 be read (a damaged file, a FIFO, a device) is reported on stderr and the rest
 are still classified; the exit status is 1 if any image failed or the server
@@ -78,7 +78,7 @@ def _as_json(path: str, result: Classification | ImageError) -> dict[str, object
         return {"image": path, "error": result.message}
     return {
         "image": path,
-        "model": result.model_name,
+        "model_name": result.model_name,
         "model_version": result.model_version,
         "label": result.label,
         "score": result.score,

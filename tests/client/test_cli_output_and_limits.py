@@ -38,7 +38,7 @@ async def test_a_header_names_each_model_and_version_before_the_lines_it_answere
     assert header == "# model tiny version 2" and [line.split("\t")[0] for line in lines] == photos
     assert await run_cli([*photos, *address, "--model", "tiny", "--model-version", "1", "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
-    assert [(entry["image"], entry["model"], entry["model_version"]) for entry in document] == \
+    assert [(entry["image"], entry["model_name"], entry["model_version"]) for entry in document] == \
         [(photo, "tiny", "1") for photo in photos]
 
 

@@ -217,7 +217,7 @@ async def test_cli_prints_a_line_per_image_and_fails_only_the_bad_one(tiny_serve
     code = await asyncio.to_thread(classify_main, [*paths, *args, "--json"])
     document = json.loads(capsys.readouterr().out)
     assert code == 0 and [d["label"] for d in document] == expected_labels(tiny_repo, pictures)
-    assert {(d["model"], d["model_version"]) for d in document} == {("tiny", "1")}
+    assert {(d["model_name"], d["model_version"]) for d in document} == {("tiny", "1")}
 
 
 def test_cli_without_a_server_is_a_one_line_error(tmp_path, capsys):
