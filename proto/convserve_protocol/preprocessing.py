@@ -61,9 +61,11 @@ __all__ = [
     "check_pixel_count",
     "crop_box",
     "crop_to_aspect_and_resize",
+    "decode_opened",
     "describe_source",
     "fit_to_input",
     "load_image",
+    "open_header",
     "preprocess",
     "preprocess_batch",
     "rescale",
@@ -167,12 +169,19 @@ def check_pixel_count(width: int, height: int, max_pixels: int, source: str) -> 
                             f"{max_pixels:,} pixels", source=source, pixels=pixels, limit=max_pixels)
 
 
-def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
-    """Decode encoded bytes after checking the header's size; EXIF rotation applied.  The caller closes it."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def open_header(data: bytes, source: str, max_pixels: int, formats: Sequence[str] | None = None) -> Image.Image:
+    """Encoded bytes opened (the header read, no pixel decoded) after checking its size against ``max_pixels``.
 
+    ``formats`` restricts the Pillow plugins tried (default: every readable one but EPS).  Raises
+    :class:`ImageTooLarge` or :class:`ImageError`.  The caller closes the image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    readable = _readable_formats()  # also registers every plugin and quiets Pillow's bomb warning
+    if formats is not None:
+        readable = tuple(formats)
     try:
-        opened = Image.open(io.BytesIO(data), formats=_readable_formats())
+        opened = Image.open(io.BytesIO(data), formats=readable)
     except UnidentifiedImageError as exc:
         raise ImageError(f"{source}: not a recognised image format", source=source) from exc
     except Image.DecompressionBombError as exc:  # Pillow's own ceiling, if ours was set above it
@@ -183,6 +192,17 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
         raise ImageError(f"{source}: cannot decode image: {exc or type(exc).__name__}", source=source) from exc
     try:
         check_pixel_count(opened.width, opened.height, max_pixels, source)  # the header only: nothing decoded yet
+    except ImageError:
+        opened.close()
+        raise
+    return opened
+
+
+def decode_opened(opened: Image.Image, source: str) -> Image.Image:
+    """Decode an image :func:`open_header` opened, EXIF rotation applied; closes it if that fails."""
+    from PIL import ImageOps
+
+    try:
         opened.load()
         ImageOps.exif_transpose(opened, in_place=True)
         return opened
@@ -192,6 +212,11 @@ def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
     except Exception as exc:  # and so do its decoders
         opened.close()
         raise ImageError(f"{source}: cannot decode image: {exc or type(exc).__name__}", source=source) from exc
+
+
+def _open(data: bytes, source: str, max_pixels: int) -> Image.Image:
+    """Decode encoded bytes after checking the header's size; EXIF rotation applied.  The caller closes it."""
+    return decode_opened(open_header(data, source, max_pixels), source)
 
 
 def _pillow_to_rgb(image: Image.Image, source: str) -> np.ndarray:

@@ -8,11 +8,14 @@ import numpy as np
 from convserve_protocol.protos import classifier_pb2 as pb
 from convserve_protocol.protos import classifier_pb2_grpc as pb_grpc
 from convserve_server.core import InferenceCore, ServedVersion
-from convserve_server.errors import InvalidInput
+from convserve_server.errors import InvalidInput, ModelNotReady
 from convserve_server.images import ImageDecoder
 from convserve_server.metrics import ServerMetrics
 from convserve_server.servicers.status import ServicerBase, deadline_of, rpc
 from convserve_server.servicers.tensors import checked_shape, fp32_from_bytes
+
+MAX_DECODES = 3
+"""Most times one request's images are decoded, when hot swaps change the model's preprocessing meanwhile."""
 
 
 class ClassifierServicer(ServicerBase, pb_grpc.ClassifierServicer):
@@ -22,9 +25,15 @@ class ClassifierServicer(ServicerBase, pb_grpc.ClassifierServicer):
         super().__init__(core, metrics)
         self.decoder = decoder
 
-    async def _resolve_with_images(self, request: pb.ClassifyRequest) -> tuple[ServedVersion, np.ndarray]:
+    async def _resolve_with_images(self, request: pb.ClassifyRequest,
+                                   deadline: float | None) -> tuple[ServedVersion, np.ndarray]:
         """The version asked for and the request's model input: its tensor, or its encoded images decoded
-        with that version's preprocessing."""
+        with that version's preprocessing.
+
+        The version is chosen again once the images are decoded, so that a hot swap during the decode
+        answers the call with the new version rather than failing it on the retired one.  If the new
+        version preprocesses differently, the images are decoded again with its spec.
+        """
         if not request.encoded_images:
             shape = checked_shape(request.shape, "images", rank=4)
             images = fp32_from_bytes(request.images, shape, "images")
@@ -32,12 +41,20 @@ class ClassifierServicer(ServicerBase, pb_grpc.ClassifierServicer):
         if request.images or request.shape:
             raise InvalidInput("set either images (with shape) or encoded_images, not both")
         served = self.core.resolve(request.model_name, request.model_version)
-        return served, await self.decoder.preprocess(request.encoded_images, served.model.card.preprocessing)
+        for _ in range(MAX_DECODES):
+            spec = served.model.card.preprocessing
+            images = await self.decoder.preprocess(request.encoded_images, spec, deadline)
+            served = self.core.resolve(request.model_name, request.model_version)
+            if served.model.card.preprocessing == spec:
+                return served, images
+        raise ModelNotReady(f"model {served.name} changed its preprocessing {MAX_DECODES} times while the "
+                            "images decoded; try again")
 
     @rpc("Classify")
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
-        served, images = await self._resolve_with_images(request)
-        result = await self.core.classify(served, images, request.top_k or 1, deadline_of(context))
+        deadline = deadline_of(context)
+        served, images = await self._resolve_with_images(request, deadline)
+        result = await self.core.classify(served, images, request.top_k or 1, deadline)
         labels = served.model.card.labels
         response = pb.ClassifyResponse(model_name=served.name, model_version=str(served.version))
         for row, (indices, scores) in enumerate(zip(result.top_indices.tolist(), result.top_scores.tolist())):
