@@ -73,7 +73,8 @@ def running_server(repository: Path, **overrides: object) -> Iterator[ServerThre
     try:
         yield running
     finally:
-        running.call(running.server.shutdown(grace_s=5))
+        if not running.server.stopped:
+            running.call(running.server.shutdown(grace_s=5))
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()

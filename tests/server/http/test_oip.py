@@ -3,6 +3,7 @@ in Triton's binary tensor form, its errors, and that HTTP shares the gRPC server
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import threading
 import time
@@ -225,6 +226,21 @@ def test_a_draining_server_holds_then_refuses_new_http_calls_with_503(repository
         caller.join(10)
         assert answers[0].status == 503 and "shutting down" in answers[0].json()["error"]
         assert server.request("GET", "/v2/health/live").status == 200  # health is never gated
+
+
+def test_during_the_drain_delay_ready_is_503_and_calls_are_answered_then_the_port_closes(repository):
+    with running_server(repository) as server:
+        stopping = asyncio.run_coroutine_threadsafe(server.server.shutdown(grace_s=5, drain_delay_s=30), server.loop)
+        deadline = time.monotonic() + 10
+        while server.request("GET", "/v2/health/ready").status != 503 and time.monotonic() < deadline:
+            time.sleep(0.01)  # shutdown begins on the server's loop: polled until it shows
+        assert server.request("GET", "/v2/health/ready").json() == {"ready": False}
+        assert server.post_json("/v2/models/tiny/infer", json_request(BATCH)).status == 200  # still answered
+        assert server.request("GET", "/v2/models/tiny/ready").status == 503
+        server.loop.call_soon_threadsafe(server.server.hurry)
+        stopping.result(15)
+        with pytest.raises(ConnectionError):
+            server.request("GET", "/v2/health/live")
 
 
 async def _close(gate) -> None:
