@@ -56,7 +56,7 @@ def _limited_protocol(config: ServerConfig) -> type[HttpToolsProtocol]:
             if self._header_timer is not None:  # the headers are still incomplete after this chunk
                 self._header_bytes += len(data)
                 if self._header_bytes > MAX_HEADER_BYTES:
-                    log.info("HTTP: closed a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
+                    log.debug("HTTP: closed a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
                     self._close()
 
         def on_message_begin(self) -> None:
@@ -85,7 +85,7 @@ def _limited_protocol(config: ServerConfig) -> type[HttpToolsProtocol]:
 
         def _headers_too_slow(self) -> None:
             self._header_timer = None
-            log.info("HTTP: closed a connection that sent no whole request headers within %g s", header_timeout_s)
+            log.debug("HTTP: closed a connection that sent no whole request headers within %g s", header_timeout_s)
             self._close()
 
         def _close(self) -> None:
@@ -144,6 +144,9 @@ class HttpFrontEnd:
     def __init__(self, config: ServerConfig, core: InferenceCore, metrics: ServerMetrics | None,
                  decoder: ImageDecoder, admission: ConcurrencyLimit) -> None:
         self.app = RestApp(config, core, metrics, decoder, admission)
+        # uvicorn warns about each malformed request it answers 400 itself: a hostile caller could fill the log.
+        # Its errors (an exception in the application) still show.
+        logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
         self._socket = _bind(config.http_host, config.http_port, shared=config.workers > 1)
         self.port: int = self._socket.getsockname()[1]
         self._server = uvicorn.Server(uvicorn.Config(

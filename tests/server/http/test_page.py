@@ -126,3 +126,22 @@ def test_the_swagger_ui_page_renders_the_api(browser, served):
     paths = {element.text.replace("\u200b", "") for element in
              browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
     assert "/v2/models/{model_name}/infer" in paths and "/v2/models/{model_name}/classify" in paths
+
+
+def test_with_a_token_the_page_asks_for_it_and_then_sends_it(browser, digit_png, tmp_path_factory):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    repository = tmp_path_factory.mktemp("http-page-token") / "models"
+    write_version(repository, "digits", 1, labels=tuple("0123456789"))
+    with running_server(repository, auth_token="page-token") as served:
+        browser.get(f"http://127.0.0.1:{served.port}/")
+        wait_for(browser, lambda d: d.find_element(By.ID, "token-field").is_displayed())
+        assert "needs a token" in browser.find_element(By.ID, "message").text
+        browser.find_element(By.ID, "token").send_keys("page-token", Keys.TAB)
+        wait_for(browser, lambda d: "CPUExecutionProvider" in d.find_element(By.ID, "model-info").text)
+        browser.find_element(By.ID, "file").send_keys(str(digit_png))
+        wait_for(browser, lambda d: d.find_element(By.ID, "result").is_displayed())
+        expected = served.request("POST", "/v2/models/digits/classify", digit_png.read_bytes(),
+                                  {"Content-Type": "image/png", "Authorization": "Bearer page-token"})
+        assert browser.find_element(By.ID, "label").text == expected.json()["results"][0]["label"]
