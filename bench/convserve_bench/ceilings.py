@@ -46,8 +46,9 @@ class Target:
 
 TARGETS = (
     Target("throughput vs the composite ceiling", 32, 1, "throughput_vs_composite", 0.85, True),
+    Target("server CPU µs per request over the do-nothing server's (median of rounds)", 32, 1,
+           "cpu_us_over_noop", 200, False),
     Target("p50 vs the composite ceiling", 1, 1, "p50_vs_composite", 1.15, False),
-    Target("p50 vs the naive server", 1, 1, "p50_vs_naive", 1.0, False),
     Target("throughput vs the single-threaded composite", 8, 64, "throughput_vs_composite", 1.74, True),
 )
 
@@ -71,10 +72,14 @@ def composite(noop: Mapping[str, Any], model: Mapping[str, Any], images_per_requ
 
 
 def ratios(served: Mapping[str, Any], naive: Mapping[str, Any] | None,
-           ceiling: Mapping[str, Any] | None) -> dict[str, float]:
-    """convserve's throughput and p50 over the composite ceiling's and the naive server's, and the naive server's
-    over the composite ceiling's (keys absent where a reference was not run)."""
+           ceiling: Mapping[str, Any] | None, noop: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """convserve's throughput and p50 over the composite ceiling's and the naive server's, the naive server's
+    over the composite ceiling's, and convserve's server CPU per request less the do-nothing server's (keys
+    absent where a reference was not run)."""
     found: dict[str, float] = {}
+    if noop is not None:
+        found["cpu_us_over_noop"] = _difference(served.get("server_cpu_us_per_request"),
+                                                noop.get("server_cpu_us_per_request"))
     if ceiling is not None:
         found["throughput_vs_composite"] = _divide(served["requests_per_s"], ceiling["requests_per_s"])
         found["p50_vs_composite"] = _divide(served["p50_ms"], ceiling["p50_ms"])
@@ -85,6 +90,13 @@ def ratios(served: Mapping[str, Any], naive: Mapping[str, Any] | None,
             found["naive_throughput_vs_composite"] = _divide(naive["requests_per_s"], ceiling["requests_per_s"])
             found["naive_p50_vs_composite"] = _divide(naive["p50_ms"], ceiling["p50_ms"])
     return found
+
+
+def _difference(minuend: float | None, subtrahend: float | None) -> float:
+    """NaN where either figure is missing."""
+    if minuend is None or subtrahend is None:
+        return float("nan")
+    return minuend - subtrahend
 
 
 def _divide(numerator: float, denominator: float) -> float:

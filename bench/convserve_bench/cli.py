@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import shlex
+import statistics
 import sys
 import threading
 import time
@@ -260,13 +262,18 @@ def _model_file(repository: dict[str, list[VersionPath]], model: ServedModel) ->
 def _row(step: Step, name: str, measured: Measured) -> dict[str, Any]:
     """One server's figures in one step, with each round's."""
     row = {"target": name, **summarize(step, measured.total)}
-    row["rounds"] = [_round_summary(step, part) for part in measured.rounds]
-    row["server_cpu_us_per_request"] = (1e6 * measured.cpu_seconds / row["requests"]
-                                        if row["requests"] and measured.cpu_seconds > 0 else None)
+    row["rounds"] = [{**_round_summary(step, part), "server_cpu_us_per_request": _cpu_us_per_request(cpu, part.answered)}
+                     for part, cpu in zip(measured.rounds, measured.round_cpu_seconds)]
+    row["server_cpu_us_per_request"] = _cpu_us_per_request(measured.cpu_seconds, row["requests"])
     if measured.model_calls:
         row["mean_batch_size"] = measured.batched_images / measured.model_calls
     row["host_steal_percent"] = measured.steal_percent
     return row
+
+
+def _cpu_us_per_request(cpu_seconds: float, requests: int) -> float | None:
+    """The server's CPU per answered request, in µs (None where nothing was measured)."""
+    return 1e6 * cpu_seconds / requests if requests and cpu_seconds > 0 else None
 
 
 def _round_summary(step: Step, part: StepResult) -> dict[str, float]:
@@ -296,10 +303,15 @@ def _add_ceiling_and_ratios(report: dict[str, Any], step: Step, rows: dict[str, 
         report["composite"].append(ceiling)
     if ceiling is None and naive is None:
         return
-    entry = {**key, **ceilings.ratios(served, naive, ceiling)}
+    entry = {**key, **ceilings.ratios(served, naive, ceiling, noop)}
     naive_rounds = naive["rounds"] if naive is not None else [None] * len(served["rounds"])
     ceiling_rounds = ceiling["rounds"] if ceiling is not None else [None] * len(served["rounds"])
-    entry["rounds"] = [ceilings.ratios(*parts) for parts in zip(served["rounds"], naive_rounds, ceiling_rounds)]
+    noop_rounds = noop["rounds"] if noop is not None else [None] * len(served["rounds"])
+    entry["rounds"] = [ceilings.ratios(*parts)
+                       for parts in zip(served["rounds"], naive_rounds, ceiling_rounds, noop_rounds)]
+    if noop is not None:  # judged by the median of the rounds: CPU per request moves with the host's steal
+        per_round = [part["cpu_us_over_noop"] for part in entry["rounds"] if not math.isnan(part["cpu_us_over_noop"])]
+        entry["cpu_us_over_noop"] = statistics.median(per_round) if per_round else float("nan")
     report["ratios"].append(entry)
 
 

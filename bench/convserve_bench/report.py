@@ -27,6 +27,7 @@ RATIO_COLUMNS = (
     ("p50_vs_naive", "convserve p50 / naive"),
     ("naive_throughput_vs_composite", "naive throughput / composite"),
     ("naive_p50_vs_composite", "naive p50 / composite"),
+    ("cpu_us_over_noop", "convserve CPU µs/request − do-nothing's"),
 )
 SERVER_ORDER = (SERVED, NAIVE, NOOP, COMPOSITE)
 

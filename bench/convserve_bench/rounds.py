@@ -38,6 +38,7 @@ class Measured:
     total: StepResult = field(default_factory=StepResult)
     rounds: list[StepResult] = field(default_factory=list)
     cpu_seconds: float = 0.0
+    round_cpu_seconds: list[float] = field(default_factory=list)
     batched_images: float = 0.0
     model_calls: float = 0.0
     stolen_ticks: int = 0
@@ -79,7 +80,9 @@ def _measure_round(target: LoadTarget, model: ServedModel, part: Step, processes
     stolen_after, ticks_after = host_cpu_ticks()
     into.stolen_ticks += stolen_after - stolen
     into.host_ticks += ticks_after - ticks
-    into.cpu_seconds += cpu_seconds(target.pids) - cpu_at_start[0]
+    used = cpu_seconds(target.pids) - cpu_at_start[0]
+    into.cpu_seconds += used
+    into.round_cpu_seconds.append(used)
     after = batch_totals(target.metrics_ports)
     into.batched_images += after[0] - before[0]
     into.model_calls += after[1] - before[1]

@@ -141,6 +141,7 @@ class _Job:
     batch: list[_Pending]
     handed: float
     probe: np.ndarray | None = None
+    started: float = 0.0  # when the thread took it (time.monotonic)
     computed: list[_Computed] | None = None
     finished: float = 0.0  # when the thread was done with it (time.monotonic)
 
@@ -189,7 +190,7 @@ class DynamicBatcher:
         self._dispatch_handle: asyncio.Handle | None = None  # a dispatch at the end of this loop turn
         self._fill_timer: asyncio.TimerHandle | None = None  # a dispatch when the queue delay ends
         self._calibration_done: asyncio.Future[float] | None = None
-        self._return_s = 0.0  # an answer's way back from a thread to an idle loop, measured at calibration
+        self._beyond_wake_s = 0.0  # a hand-off's cost beyond waking the thread (the way back, a colder run)
         self._closing = False
         self._stopped_reason: str | None = None  # set when a worker died: the batcher refuses everything
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -231,7 +232,7 @@ class DynamicBatcher:
             self.costs.observe_compute(rows, seconds)
         hot = self.costs.expected_compute_s(1) or 0.0
         loop = asyncio.get_running_loop()
-        round_trips, returns = [], []
+        round_trips, wakes = [], []
         for _ in range(CALIBRATION_RUNS):
             await asyncio.sleep(CALIBRATION_IDLE_S)  # the instance thread goes back to waiting, its CPU idles
             done = loop.create_future()
@@ -241,9 +242,9 @@ class DynamicBatcher:
             self._jobs.put(job)
             answered = await done
             round_trips.append(answered - job.handed)
-            returns.append(answered - job.finished)
-        self._return_s = statistics.median(returns)
+            wakes.append(job.started - job.handed)
         self.costs.handoff_s = max(statistics.median(round_trips) - hot, 0.0)
+        self._beyond_wake_s = max(self.costs.handoff_s - statistics.median(wakes), 0.0)
         log.info("%s: a hand-off to an instance thread and back adds %.0f µs; batches expected to cost less "
                  "run on the event loop (up to %d rows here)", self._name, self.costs.handoff_s * 1e6,
                  self._largest_on_loop())
@@ -434,9 +435,9 @@ class DynamicBatcher:
             assert self._calibration_done is not None
             self._calibration_done.set_result(answered)
         else:
-            # Only the way there is measured here: the way back waits behind whatever else the loop is doing,
-            # which a batch computed on the loop waits behind as well.
-            self.costs.observe_handoff((calls[0].started - job.handed) + self._return_s)
+            # Only the wake-up is measured here.  The way back waits behind whatever else the loop is doing,
+            # which a batch computed on the loop waits behind as well; it and the colder run are as calibrated.
+            self.costs.observe_handoff((calls[0].started - job.handed) + self._beyond_wake_s)
             for computed in calls:
                 self._settle(computed)
         self._schedule_dispatch()
@@ -503,6 +504,7 @@ class DynamicBatcher:
         reason = None
         try:
             while (job := self._jobs.get()) is not None:
+                job.started = time.monotonic()
                 if job.batch:
                     job.computed = self._compute(job.batch)
                 elif job.probe is not None:

@@ -12,9 +12,8 @@ transport has told its clients to go away.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 
 from convserve_server.errors import ModelNotReady
 
@@ -46,22 +45,20 @@ class ShutdownGate:
         """Calls that arrived after :meth:`close`, waiting to be refused."""
         return self._held
 
-    @contextlib.asynccontextmanager
-    async def call(self, deadline: float | None = None) -> AsyncIterator[None]:
-        """Wrap one call's handler: runs it if admitted; once closed, waits for the release (or until
-        shortly before the caller's ``deadline``, a ``time.monotonic()`` instant) and raises ModelNotReady
-        without running it."""
+    def call(self, deadline: float | None = None) -> AbstractAsyncContextManager[None]:
+        """Wrap one call's handler (``async with gate.call(deadline):``): runs it if admitted; once closed, waits
+        for the release (or until shortly before the caller's ``deadline``, a ``time.monotonic()`` instant) and
+        raises ModelNotReady without running it."""
         if not self._open:
-            await self._hold(deadline)
-            raise ModelNotReady(REFUSAL)
+            return _Held(self, deadline)
         self._in_flight += 1
         self._idle.clear()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+        return _Admitted(self)
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
 
     async def _hold(self, deadline: float | None) -> None:
         self._held += 1
@@ -93,3 +90,33 @@ class ShutdownGate:
     def release(self) -> None:
         """Refuse every held call now, and every later one at once."""
         self._released.set()
+
+
+class _Admitted(AbstractAsyncContextManager[None]):
+    """An admitted call's time in the gate: counted until its handler returns.  A class rather than a generator
+    context manager: it is entered on every call."""
+
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: ShutdownGate) -> None:
+        self._gate = gate
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._gate._leave()
+
+
+class _Held(AbstractAsyncContextManager[None]):
+    """A call that arrived after the gate closed: held, then refused before its handler runs."""
+
+    __slots__ = ("_gate", "_deadline")
+
+    def __init__(self, gate: ShutdownGate, deadline: float | None) -> None:
+        self._gate = gate
+        self._deadline = deadline
+
+    async def __aenter__(self) -> None:
+        await self._gate._hold(self._deadline)
+        raise ModelNotReady(REFUSAL)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
