@@ -74,8 +74,7 @@ train: install-serve
 ## serve: train if needed, then serve $(MODELS)/ on port $(PORT) of this machine only (HOST=0.0.0.0: every interface;
 ## then set --auth-token or TLS, docs/deploying.md)
 serve: train
-	$(BIN)/convserve-serve --model-repository $(MODELS) --host $(HOST) --port $(PORT) --metrics-host $(HOST) \
-		--http-host $(HOST)
+	$(BIN)/convserve-serve --model-repository $(MODELS) --host $(HOST) --port $(PORT) --metrics-host $(HOST) --http-host $(HOST)
 
 ## test: the whole test suite (the soak test is left to `make soak`)
 test: install perf-deps browser-deps
