@@ -260,8 +260,9 @@ def reader(default_training, tmp_path_factory) -> Iterator[Reader]:
     # make serve's own flags set the host and the gRPC port (PORT); the metrics and HTTP ports are left to the
     # server's variables. -o: the test does not reinstall the venv even if a pyproject.toml is newer than it.
     stamps = [arg for build in ("cpu", "gpu") for arg in ("-o", f".venv/.installed-serve-{build}")]
-    environment = {**os.environ, "CONVSERVE_METRICS_PORT": str(ports["8501"]),
-                   "CONVSERVE_HTTP_PORT": str(ports["8000"]), "PYTHONUNBUFFERED": "1"}
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("CONVSERVE_")}
+    environment |= {"CONVSERVE_METRICS_PORT": str(ports["8501"]), "CONVSERVE_HTTP_PORT": str(ports["8000"]),
+                    "PYTHONUNBUFFERED": "1"}
     with open(reader.server_log, "wb") as log:
         process = subprocess.Popen(["make", *stamps, "serve", f"PORT={ports['8500']}"], cwd=directory,
                                    env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
