@@ -64,9 +64,10 @@ class ServerConfig(BaseSettings):
                            "disables); with several workers, they share it as they share the gRPC port")
     cors_origins: str = Field("", description="HTTP: comma-separated origins whose pages may call the API from a "
                               "browser (* for any; empty: CORS off)")
-    http_max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="HTTP: largest request body, as sent; "
-                                     "a larger declared one gets 413 before it is read")
-    http_max_decompressed_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="HTTP: largest request body "
+    http_max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="HTTP: largest request body, as sent "
+                                     "(gRPC's max_message_bytes by default); a larger declared one gets 413 before it "
+                                     "is read")
+    http_max_decompressed_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="HTTP: largest request body "
                                              "after gzip or deflate Content-Encoding is undone; beyond, 413")
     http_header_timeout_s: float = Field(10.0, gt=0, le=3600, description="HTTP: time a connection has to send a "
                                          "request's headers once it is open or has sent its first byte; past it, "
