@@ -48,6 +48,18 @@ class ServerConfig(BaseSettings):
                                        "beyond, RESOURCE_EXHAUSTED")
     max_inference_streams_per_peer: int = Field(256, ge=0, description="ModelStreamInfer streams open at once from "
                                                 "one peer address")
+    stream_idle_timeout_s: float = Field(300.0, ge=0, le=86400, description="ModelStreamInfer: a stream that "
+                                         "sends no request message for this long is ended with DEADLINE_EXCEEDED, "
+                                         "and a message it left half-sent freed (0: never; Envoy's and so Istio's "
+                                         "default stream idle timeout is also 300 s)")
+    max_unsent_bytes_per_connection: int = Field(64 * 1024 * 1024, ge=1, description="bytes of answers (each of 16 "
+                                                 "KiB or more) handed to gRPC on one client connection and not yet "
+                                                 "read by the client; beyond, new calls on that connection get "
+                                                 "RESOURCE_EXHAUSTED at once")
+    write_timeout_s: float = Field(30.0, gt=0, le=3600, description="a connection whose unread answers have made no "
+                                   "progress for this long gets RESOURCE_EXHAUSTED for new calls until it reads them "
+                                   "(gRPC cannot end a call whose answer is written but not read; "
+                                   "max_connection_age_s closes such connections)")
     model_instances: int = Field(2, ge=1, le=64, description="batches of one model that may compute at once, each "
                                  "on its own worker thread (like Triton's instance count; a batch cheaper than a "
                                  "hand-off to a thread runs on the event loop instead); on the CPU, with "
