@@ -558,6 +558,6 @@ def check_finite_output(probabilities: np.ndarray, images: np.ndarray) -> None:
 
 def element_count(shape: list[int] | tuple[int, ...]) -> int:
     """Number of elements a shape claims, after checking every dimension is positive."""
-    if any(dim <= 0 for dim in shape):
+    if shape and min(shape) <= 0:
         raise InvalidInput(f"every dimension must be positive, got shape {list(shape)}")
     return math.prod(shape)
