@@ -33,7 +33,7 @@ from convserve_server.config import ServerConfig
 from convserve_server.decode_pool import DecodePool, DecodeProcessDied, DecodeTimeout, PoolClosed
 from convserve_server.decode_worker import DecodeJob, DecodeRefused, decode_request
 from convserve_server.errors import DeadlineExpired, InvalidInput, ModelNotReady
-from convserve_server.image_formats import ACCEPTED_FORMATS, png_header, sniff_format
+from convserve_server.image_formats import ACCEPTED_FORMATS, load_plugins, png_header, sniff_format
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class ImageDecoder:
         self._time_limit_s = config.decode_timeout_s
         self._threads = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="decode")
         self._processes = DecodePool(config.decode_processes, decode_memory_budget(config.max_image_pixels))
+        self._plugins_loaded = False
 
     def check_sizes(self, encoded: Sequence[bytes], spec: PreprocessingSpec) -> None:
         """Refuse, before any decoding, a request whose bytes or decoded batch exceed the limits."""
@@ -103,6 +104,9 @@ class ImageDecoder:
         if not encoded:
             raise InvalidInput("encoded_images: empty batch: send at least one image")
         self.check_sizes(encoded, spec)
+        if not self._plugins_loaded:  # importing Pillow's plugins would stall the event loop
+            await asyncio.get_running_loop().run_in_executor(self._threads, load_plugins)
+            self._plugins_loaded = True
         check_formats(encoded)
         if takes_fast_path(encoded):
             job = DecodeJob(list(encoded), spec, ("PNG",), self._max_pixels, self._max_request_pixels)

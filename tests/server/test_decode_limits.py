@@ -20,7 +20,7 @@ import grpc.aio
 import numpy as np
 import pytest
 from convserve_bench.processes import ServerProcess, process_tree
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from convserve_protocol.protos import classifier_pb2 as cpb
 from convserve_protocol.protos import classifier_pb2_grpc as cpb_grpc
@@ -110,8 +110,8 @@ def repository(tmp_path: Path) -> Path:
     return repository
 
 
-def classify(*images: bytes, model: str = "digits") -> cpb.ClassifyRequest:
-    return cpb.ClassifyRequest(model_name=model, encoded_images=list(images))
+def classify(*images: bytes, model: str = "digits", probabilities: bool = False) -> cpb.ClassifyRequest:
+    return cpb.ClassifyRequest(model_name=model, encoded_images=list(images), include_probabilities=probabilities)
 
 
 async def refusal(call) -> grpc.aio.AioRpcError:
@@ -250,6 +250,17 @@ async def test_a_decode_process_may_use_no_more_memory_than_its_budget(server):
                 if line.startswith("VmSize:"))
     budget = decode_memory_budget(server.config.max_image_pixels)
     assert budget < soft_limit <= size + budget
+
+
+async def test_a_png_decodes_alike_on_a_server_thread_and_in_a_decode_process(stub, small_png):
+    image = Image.open(io.BytesIO(small_png))
+    with_text = io.BytesIO()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "compressed text sends a PNG to a decode process", zip=True)
+    image.save(with_text, "PNG", pnginfo=info)
+    on_a_thread = await stub.Classify(classify(small_png, probabilities=True))
+    in_a_process = await stub.Classify(classify(with_text.getvalue(), probabilities=True))
+    assert list(on_a_thread.results[0].probabilities) == list(in_a_process.results[0].probabilities)
 
 
 # --- item 3: formats --------------------------------------------------------------------------
