@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl
 from convserve_server.admission import ConcurrencyLimit
 from convserve_server.config import ServerConfig
 from convserve_server.core import InferenceCore
-from convserve_server.errors import Overloaded, ServingError
+from convserve_server.errors import Overloaded
 from convserve_server.http.classify import ClassifyEndpoint
 from convserve_server.http.errors import (
     FORBIDDEN, INTERNAL, METHOD_NOT_ALLOWED, NOT_FOUND, OK, REQUEST_TIMEOUT, TOO_LARGE,
@@ -235,8 +235,6 @@ class RestApp:
         status = status_for(error)
         if status is INTERNAL:
             log.error("HTTP %s failed", route.method_name if route else "request", exc_info=error)
-        elif not isinstance(error, (ServingError, HttpError)):
-            log.error("HTTP request failed", exc_info=error)
         reply = json_reply({"error": message_for(error)}, status)
         if status is UNAUTHENTICATED:
             reply.headers.append((b"www-authenticate", b'Bearer realm="convserve"'))
