@@ -221,10 +221,10 @@ class ConvserveServer:
         deadline = asyncio.get_running_loop().time() + grace  # the process exits by then
         stop_time = min(GOAWAY_PAUSE_S + FLUSH_GRACE_S, grace / 2)  # kept for stopping gRPC
         await self._drain_accepted(deadline - stop_time)
+        self.decoder.close()  # decodes still running now cannot end in time: killed, their callers get UNAVAILABLE
         await self._stop_transport(deadline - stop_time, deadline)
         if self.http is not None:  # its held calls were refused with gRPC's; answers in progress get what is left
             await self.http.stop(deadline - asyncio.get_running_loop().time())
-        self.decoder.close()
         if self.metrics is not None:
             self.metrics.close()
         self._stopped.set()

@@ -330,8 +330,8 @@ def test_sigterm_during_a_long_decode_exits_within_the_grace_period(repository, 
         status = server.process.wait(timeout=30)
         seconds = time.monotonic() - signalled
         caller.join(timeout=10)
-    assert status == 0 and seconds < grace_s + 2, f"exit status {status} after {seconds:.1f} s"
-    assert outcome and outcome[0] != grpc.StatusCode.OK
+    assert status == 0 and seconds < grace_s, f"exit status {status} after {seconds:.1f} s"
+    assert outcome == [grpc.StatusCode.UNAVAILABLE]  # the decode was stopped; the caller may retry elsewhere
     gone_by = time.monotonic() + 5
     while any(map(running, tree)):
         assert time.monotonic() < gone_by, f"left running: {[pid for pid in tree if running(pid)]}"
