@@ -295,6 +295,19 @@ async def test_a_container_holding_a_bomb_is_refused_by_format_before_anything_i
     assert error.details().startswith("encoded_images[0]: ") and f"{name} images are not accepted" in error.details()
 
 
+def gif_with_a_frame_larger_than_its_screen(side: int) -> bytes:
+    """A GIF whose screen is 8×8 and whose one frame declares ``side``×``side`` (its pixel data cut short)."""
+    screen = b"GIF89a" + struct.pack("<HHBBB", 8, 8, 0x80, 0, 0) + bytes(6)  # a two-colour global palette
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, side, side, 0) + b"\x02\x02\x4c\x01\x00"
+    return screen + frame + b"\x3b"
+
+
+async def test_an_accepted_format_is_measured_by_what_it_decodes_not_by_its_first_header(stub):
+    error = await refusal(stub.Classify(classify(gif_with_a_frame_larger_than_its_screen(12_000))))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "12000x12000" in error.details() and "--max-image-pixels" in error.details(), error.details()
+
+
 async def test_accepted_formats_still_decode(stub):
     pixels = np.random.default_rng(2).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     files = [encode(pixels, image_format) for image_format in ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")]
