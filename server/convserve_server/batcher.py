@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import statistics
 import threading
@@ -44,6 +45,10 @@ SMOOTHING = 0.1
 
 CALIBRATION_RUNS = 5
 """Runs per batch size and hand-offs timed at calibration; the median is kept."""
+
+INSTANCE_NICENESS = 5
+"""How much lower than the event loop's the instance threads' scheduling priority is (Linux nice levels: each
+level is about 1.25 times less CPU weight, so 5 gives the loop about three times an instance's share)."""
 
 CALIBRATION_IDLE_S = 0.005
 """How long an instance thread waits idle before each calibration hand-off: long enough for its vCPU to go idle,
@@ -502,6 +507,7 @@ class DynamicBatcher:
         """One model instance: run the jobs handed to it until told to stop (None)."""
         job: _Job | None = None
         reason = None
+        _yield_to_the_loop()
         try:
             while (job := self._jobs.get()) is not None:
                 job.started = time.monotonic()
@@ -518,6 +524,22 @@ class DynamicBatcher:
                       exc_info=True)
         finally:
             self._post(self._worker_stopped, job, reason)
+
+
+def _yield_to_the_loop() -> None:
+    """Lower this instance thread's scheduling priority by :data:`INSTANCE_NICENESS` (Linux: per thread).
+
+    When the instances keep every core busy, the event loop (health checks, metadata, new requests) must still
+    get a core at once when it wakes; with equal priority it waits for the scheduler's next slice (the figures
+    are in docs/performance.md).
+    """
+    if not hasattr(os, "setpriority") or not hasattr(threading, "get_native_id"):
+        return
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, min(os.getpriority(os.PRIO_PROCESS, thread) + INSTANCE_NICENESS, 19))
+    except OSError as exc:  # not allowed here: the instances run at the loop's priority
+        log.debug("instance thread priority unchanged: %s", exc)
 
 
 def _calibration_sizes(largest: int) -> list[int]:
