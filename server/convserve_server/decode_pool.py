@@ -15,7 +15,7 @@ process waits on its pipe, so the event loop never blocks on a large reply.
 from __future__ import annotations
 
 import asyncio
-import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import threading
@@ -24,8 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from convserve_server import decode_worker
-
-log = logging.getLogger(__name__)
 
 _KILL_WAIT_S = 5.0  # how long to wait for a killed process to be reaped (SIGKILL takes effect at once)
 
@@ -175,6 +173,8 @@ class DecodePool:
         self._threads.shutdown(wait=False)
 
 
-def _loop_time(monotonic_instant: float) -> float:
-    """A ``time.monotonic()`` instant on the running loop's clock."""
+def _loop_time(monotonic_instant: float) -> float | None:
+    """A ``time.monotonic()`` instant on the running loop's clock (None for no deadline)."""
+    if math.isinf(monotonic_instant):
+        return None
     return asyncio.get_running_loop().time() + (monotonic_instant - time.monotonic())

@@ -76,6 +76,7 @@ class ImageDecoder:
         self._threads = ThreadPoolExecutor(max_workers=config.decode_threads, thread_name_prefix="decode")
         self._processes = DecodePool(config.decode_processes, decode_memory_budget(config.max_image_pixels))
         self._plugins_loaded = False
+        self._closed = False
 
     def check_sizes(self, encoded: Sequence[bytes], spec: PreprocessingSpec) -> None:
         """Refuse, before any decoding, a request whose bytes or decoded batch exceed the limits."""
@@ -104,6 +105,8 @@ class ImageDecoder:
         if not encoded:
             raise InvalidInput("encoded_images: empty batch: send at least one image")
         self.check_sizes(encoded, spec)
+        if self._closed:
+            raise ModelNotReady("server is shutting down; not decoding images")
         if not self._plugins_loaded:  # importing Pillow's plugins would stall the event loop
             await asyncio.get_running_loop().run_in_executor(self._threads, load_plugins)
             self._plugins_loaded = True
@@ -140,6 +143,7 @@ class ImageDecoder:
 
     def close(self) -> None:
         """Stop every decode now (their callers get UNAVAILABLE), and start no more."""
+        self._closed = True
         self._processes.close()
         self._threads.shutdown(wait=False)
 
