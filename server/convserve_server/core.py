@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from convserve_protocol.preprocessing_spec import PreprocessingSpec
 from convserve_protocol.repository import (
     VersionPath, folders_with_odd_names, is_version_name, links_out_of, scan_repository,
 )
@@ -57,6 +58,11 @@ class ServedVersion:
         )
         self._config = config
         self.verification = Verification(verified=False)
+
+    @property
+    def preprocessing(self) -> PreprocessingSpec:
+        """How this version's images are preprocessed (its model card's spec)."""
+        return self.model.card.preprocessing
 
     @property
     def ready(self) -> bool:

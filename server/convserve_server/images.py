@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,18 @@ from convserve_server.decode_pool import DecodePool, DecodeProcessDied, DecodeTi
 from convserve_server.decode_worker import DecodeJob, DecodeRefused, decode_request
 from convserve_server.errors import DeadlineExpired, InvalidInput, ModelNotReady
 from convserve_server.image_formats import ACCEPTED_FORMATS, load_plugins, png_header, sniff_format
+
+class Preprocessed(Protocol):
+    """What images are decoded for: a served version, through its preprocessing spec."""
+
+    @property
+    def preprocessing(self) -> PreprocessingSpec:
+        """How the version's images are cropped, resized and scaled."""
+
+
+Served = TypeVar("Served", bound=Preprocessed)
+MAX_DECODES = 3
+"""Most times one request's images are decoded, when hot swaps change the model's preprocessing meanwhile."""
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +105,24 @@ class ImageDecoder:
             raise InvalidInput(f"encoded_images: {len(encoded)} images make {batch_bytes:,} bytes of model input, "
                                f"over the {self._max_batch_bytes:,} a tensor request may carry "
                                "(--max-message-bytes); send fewer per request")
+
+    async def preprocess_for_current(self, resolve: Callable[[], Served], encoded: Sequence[bytes],
+                                     deadline: float | None = None) -> tuple[Served, np.ndarray]:
+        """The version ``resolve()`` names once ``encoded`` is decoded, and the images preprocessed for it.
+
+        The version is chosen again after the decode, so that a hot swap meanwhile answers the call with the
+        new version rather than failing it on the retired one; if the new version preprocesses differently,
+        the images are decoded again with its spec, at most :data:`MAX_DECODES` times.
+        """
+        served = resolve()
+        for _ in range(MAX_DECODES):
+            spec = served.preprocessing
+            images = await self.preprocess(encoded, spec, deadline)
+            served = resolve()
+            if served.preprocessing == spec:
+                return served, images
+        raise ModelNotReady(f"the model changed its preprocessing {MAX_DECODES} times while the images decoded; "
+                            "try again")
 
     async def preprocess(self, encoded: Sequence[bytes], spec: PreprocessingSpec,
                          deadline: float | None = None) -> np.ndarray:

@@ -119,12 +119,11 @@ class ClassifyEndpoint:
 
     async def classify(self, call: Call) -> Reply:
         """Per image: the top label and score, the top k, and the file name; with the model that answered."""
-        served = self.core.resolve(call.params["name"], call.params.get("version", ""))
+        name, version = call.params["name"], call.params.get("version", "")
+        served = self.core.resolve(name, version)
         encoded, filenames, fields = images_of(call)
         top_k = _top_k(call, fields, served.model.num_classes)
-        spec = served.model.card.preprocessing
-        self.decoder.check_sizes(encoded, spec)
-        images = await self.decoder.preprocess(encoded, spec)
+        served, images = await self.decoder.preprocess_for_current(lambda: self.core.resolve(name, version), encoded)
         result = await self.core.classify(served, images, top_k, None)
         labels = served.model.card.labels
         answers: list[dict[str, Any]] = []

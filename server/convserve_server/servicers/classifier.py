@@ -8,14 +8,12 @@ import numpy as np
 from convserve_protocol.protos import classifier_pb2 as pb
 from convserve_protocol.protos import classifier_pb2_grpc as pb_grpc
 from convserve_server.core import InferenceCore, ServedVersion
-from convserve_server.errors import InvalidInput, ModelNotReady
+from convserve_server.errors import InvalidInput
 from convserve_server.images import ImageDecoder
 from convserve_server.metrics import ServerMetrics
 from convserve_server.servicers.status import ServicerBase, deadline_of, rpc
 from convserve_server.servicers.tensors import checked_shape, fp32_from_bytes
 
-MAX_DECODES = 3
-"""Most times one request's images are decoded, when hot swaps change the model's preprocessing meanwhile."""
 
 
 class ClassifierServicer(ServicerBase, pb_grpc.ClassifierServicer):
@@ -40,15 +38,8 @@ class ClassifierServicer(ServicerBase, pb_grpc.ClassifierServicer):
             return self.core.resolve(request.model_name, request.model_version), images
         if request.images or request.shape:
             raise InvalidInput("set either images (with shape) or encoded_images, not both")
-        served = self.core.resolve(request.model_name, request.model_version)
-        for _ in range(MAX_DECODES):
-            spec = served.model.card.preprocessing
-            images = await self.decoder.preprocess(request.encoded_images, spec, deadline)
-            served = self.core.resolve(request.model_name, request.model_version)
-            if served.model.card.preprocessing == spec:
-                return served, images
-        raise ModelNotReady(f"model {served.name} changed its preprocessing {MAX_DECODES} times while the "
-                            "images decoded; try again")
+        return await self.decoder.preprocess_for_current(
+            lambda: self.core.resolve(request.model_name, request.model_version), request.encoded_images, deadline)
 
     @rpc("Classify")
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
