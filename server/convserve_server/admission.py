@@ -13,7 +13,12 @@ calls that send headers and never a body fill it, and every real caller is then 
   One beyond the bounds ends UNIMPLEMENTED: gRPC's client-side health checking then takes the server as
   healthy without watching (gRFC A17), where any other refusal would mark a healthy replica unhealthy;
 - so are inference streams (Triton's ``ModelStreamInfer``), from their headers on: a stream may stay open and idle
-  between requests, as Triton's may, so it has no receive timeout. Its requests are bounded by the servicer.
+  between requests, as Triton's may, so it has no receive timeout, but one that sends no request message for
+  ``stream_idle_timeout_s`` is ended (:class:`IdleStreams`; a message it left half-sent is held by gRPC until
+  then). Its requests are bounded by the servicer;
+- answers handed to gRPC and not yet delivered (a caller that does not read them) are counted per connection
+  (:class:`UnsentAnswers`); past a bound, or once they have made no progress for a while, new calls on that
+  connection are refused at once.
 
 These guards are built into each method's handler when the services are registered
 (:mod:`convserve_server.servicers.registration`), not run as a server interceptor: grpc.aio pays for an
@@ -24,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -33,10 +40,18 @@ import grpc.aio
 from convserve_server.limits import ConcurrencyLimit, PeerLimit, peer_host
 from convserve_server.memory import MemoryReleaser
 
-__all__ = ["CallGuards", "ConcurrencyLimit", "PeerLimit", "peer_host", "receive_request"]
+__all__ = ["CallGuards", "ConcurrencyLimit", "IdleStreams", "PeerLimit", "UnsentAnswers", "peer_host",
+           "receive_request"]
 
 LARGE_MESSAGE_BYTES = 1 << 20
 """A request message this large has its memory released soon after (see :mod:`convserve_server.memory`)."""
+
+COUNTED_ANSWER_BYTES = 16 * 1024
+"""Unary answers this large or larger are counted in :class:`UnsentAnswers` until delivered. Smaller ones are
+not (they cost no look-up): a connection holds at most --max-concurrent-streams of them (256 × 16 KiB = 4 MiB)."""
+
+DEFAULT_MAX_UNSENT_BYTES = 64 * 1024 * 1024
+DEFAULT_WRITE_TIMEOUT_S = 30.0
 
 Behavior = Callable[..., Any]
 
@@ -55,6 +70,125 @@ async def receive_request(context: grpc.aio.ServicerContext, timeout_s: float) -
     return request
 
 
+class UnsentAnswers:
+    """Bytes of unary answers handed to gRPC and not yet delivered, per connection, and when each connection's
+    answers last made progress.
+
+    gRPC's peer string (``ipv4:10.0.0.1:5000``) names one TCP connection. gRPC finishes a call (and runs its
+    done callbacks) only once its answer and status are written, which a caller that advertises no receive
+    window, or does not read its socket, never lets happen: the answer stays in gRPC's buffers, and grpc.aio
+    offers no way to end a call whose handler has returned. So the connection is refused new calls instead,
+    once it holds more than ``limit_bytes`` or its answers have made no progress for ``write_timeout_s``.
+    """
+
+    def __init__(self, limit_bytes: int = DEFAULT_MAX_UNSENT_BYTES,
+                 write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S) -> None:
+        self.limit_bytes = limit_bytes
+        self.write_timeout_s = write_timeout_s
+        self._bytes: dict[str, int] = {}
+        self._progress: dict[str, float] = {}  # when an answer of the connection was last delivered, or first held
+
+    @property
+    def holding(self) -> bool:
+        """Whether any connection holds a counted answer (if not, no call needs its peer looked up)."""
+        return bool(self._bytes)
+
+    def held(self, peer: str) -> int:
+        """Bytes of answers held for ``peer``'s connection."""
+        return self._bytes.get(peer, 0)
+
+    def refusal(self, peer: str) -> str | None:
+        """Why a new call on ``peer``'s connection is refused, or None if it is not."""
+        held = self._bytes.get(peer)
+        if held is None:
+            return None
+        if held > self.limit_bytes:
+            return (f"{held} bytes of answers on this connection are not yet read (at most {self.limit_bytes}); "
+                    "read them, or retry later")
+        stalled_s = time.monotonic() - self._progress[peer]
+        if stalled_s > self.write_timeout_s:
+            return (f"answers on this connection have not been read for {stalled_s:.0f} s (at most "
+                    f"{self.write_timeout_s:g} s); read them, or retry later")
+        return None
+
+    def hold(self, peer: str, size: int) -> None:
+        """An answer of ``size`` bytes was handed to gRPC for ``peer``'s connection."""
+        held = self._bytes.get(peer)
+        if held is None:
+            self._bytes[peer] = size
+            self._progress[peer] = time.monotonic()
+        else:
+            self._bytes[peer] = held + size
+
+    def delivered(self, peer: str, size: int) -> None:
+        """gRPC has finished the call of an answer of ``size`` bytes: written, or its connection gone."""
+        held = self._bytes[peer] - size
+        if held:
+            self._bytes[peer] = held
+            self._progress[peer] = time.monotonic()
+        else:
+            del self._bytes[peer], self._progress[peer]
+
+
+class _StreamClock:
+    """A stream's request iterator that notes when its last request message arrived."""
+
+    def __init__(self, requests: AsyncIterator[Any]) -> None:
+        self._requests = requests
+        self.last_message = time.monotonic()
+        self.expired = False
+
+    def __aiter__(self) -> _StreamClock:
+        return self
+
+    async def __anext__(self) -> Any:
+        request = await self._requests.__anext__()
+        self.last_message = time.monotonic()
+        return request
+
+
+class IdleStreams:
+    """Ends streams that have sent no request message for ``timeout_s``.
+
+    From Python a stream that idles between requests, as Triton's may, cannot be told from one that has sent
+    part of a message and stalled, which gRPC buffers (up to --max-message-bytes) for as long as the stream
+    is open. One sweep per server, every ``timeout_s / 4`` at most a second apart while streams are open,
+    cancels the handlers of streams idle past it; no timer per stream or per request.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._open: dict[asyncio.Task[Any], _StreamClock] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def watch(self, requests: AsyncIterator[Any]) -> _StreamClock:
+        """The current task's stream, watched until :meth:`forget`: its requests, as they arrive."""
+        clock = _StreamClock(requests)
+        task = asyncio.current_task()
+        assert task is not None, "a stream is handled in a task"
+        self._open[task] = clock
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return clock
+
+    def forget(self) -> None:
+        """The current task's stream has ended."""
+        self._open.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+
+    async def _sweep(self) -> None:
+        interval_s = min(self.timeout_s / 4, 1.0)
+        try:
+            while self._open:
+                await asyncio.sleep(interval_s)
+                idle_since = time.monotonic() - self.timeout_s
+                for task, clock in list(self._open.items()):
+                    if clock.last_message < idle_since and not clock.expired:
+                        clock.expired = True
+                        task.cancel()
+        finally:
+            self._sweeper = None
+
+
 @dataclass(frozen=True)
 class CallGuards:
     """The per-call guards of one server, applied to each method's behavior at registration."""
@@ -63,6 +197,8 @@ class CallGuards:
     watches: PeerLimit
     inference_streams: PeerLimit
     releaser: MemoryReleaser | None = None
+    unsent: UnsentAnswers = field(default_factory=UnsentAnswers)
+    idle_streams: IdleStreams | None = None
 
     def noting_large(self, deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
         """The method's deserializer, which also has the memory of a large message released soon after.
@@ -81,12 +217,25 @@ class CallGuards:
 
         return deserialize
 
-    def unary(self, behavior: Behavior) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
-        """A unary behavior served request-streaming, so that its request is read under the receive timeout."""
-        timeout_s = self.receive_timeout_s
+    def unary(self, behavior: Behavior,
+              serializer: Callable[[Any], bytes]) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[bytes]]:
+        """A unary behavior served request-streaming, so that its request is read under the receive timeout;
+        its answer serialized here (register it with no response serializer), so that its size is known.
 
-        async def read_then_answer(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await behavior(await receive_request(context, timeout_s), context)
+        A call on a connection that holds too many unread answers is refused at once (RESOURCE_EXHAUSTED), and
+        a large answer is counted for its connection until gRPC has finished the call.
+        """
+        timeout_s, unsent = self.receive_timeout_s, self.unsent
+
+        async def read_then_answer(requests: Any, context: grpc.aio.ServicerContext) -> bytes:
+            if unsent.holding:
+                refusal = unsent.refusal(context.peer())
+                if refusal is not None:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+            answer = serializer(await behavior(await receive_request(context, timeout_s), context))
+            if len(answer) >= COUNTED_ANSWER_BYTES:
+                _count_until_finished(unsent, context, len(answer))
+            return answer
 
         return read_then_answer
 
@@ -103,14 +252,51 @@ class CallGuards:
         return watch
 
     def inference_stream(self, behavior: Behavior) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
-        """ModelStreamInfer: the stream runs in a slot of ``inference_streams`` for its peer."""
-        streams = self.inference_streams
+        """ModelStreamInfer: the stream runs in a slot of ``inference_streams`` for its peer, and is ended
+        (DEADLINE_EXCEEDED) once it has sent no request message for the idle timeout; memory is released soon
+        after a stream ends."""
+        streams, idle, releaser = self.inference_streams, self.idle_streams, self.releaser
 
         async def bounded(requests: Any, context: grpc.aio.ServicerContext) -> None:
-            await _run_within(streams, "ModelStreamInfer streams", "retry later or send unary calls",
-                              grpc.StatusCode.RESOURCE_EXHAUSTED, context, lambda: behavior(requests, context))
+            if idle is None:
+                start: Callable[[], Any] = lambda: behavior(requests, context)
+            else:
+                start = lambda: _ended_when_idle(idle, behavior, requests, context)
+            try:
+                await _run_within(streams, "ModelStreamInfer streams", "retry later or send unary calls",
+                                  grpc.StatusCode.RESOURCE_EXHAUSTED, context, start)
+            finally:
+                # A closed connection ends its streams as if each caller had closed its side, so this cannot
+                # tell whether gRPC held a half-sent message for the stream: release after every stream.
+                if releaser is not None:
+                    releaser.release_soon()
 
         return bounded
+
+
+def _count_until_finished(unsent: UnsentAnswers, context: grpc.aio.ServicerContext, size: int) -> None:
+    peer = context.peer()
+    unsent.hold(peer, size)
+    context.add_done_callback(lambda _context: unsent.delivered(peer, size))
+
+
+async def _ended_when_idle(idle: IdleStreams, behavior: Behavior, requests: Any,
+                           context: grpc.aio.ServicerContext) -> None:
+    """Run a stream's behavior on its requests as watched by ``idle``; DEADLINE_EXCEEDED once it is idle."""
+    clock = idle.watch(requests)
+    try:
+        await _write_all(behavior(clock, context), context)
+    except asyncio.CancelledError:
+        if not clock.expired:
+            raise  # the caller went away, or the server is stopping
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"no request message on this stream for {idle.timeout_s:g} s (the server's stream idle "
+                            "timeout); open a new stream to send more")
+    finally:
+        idle.forget()
 
 
 async def _run_within(streams: PeerLimit, what: str, advice: str, refusal: grpc.StatusCode,

@@ -32,6 +32,8 @@ FP32 = "FP32"
 BYTES = "BYTES"
 CLASSIFICATION = "classification"
 UINT32_MAX = 2**32 - 1
+MAX_ID_BYTES = 1024
+"""Longest request ``id`` (UTF-8 bytes), which the answer echoes: answers stay about as large as the model's output."""
 
 
 @functools.cache  # reading the installed distribution's metadata takes about half a millisecond
@@ -59,6 +61,17 @@ def _decode_input(request: pb.ModelInferRequest, served: ServedVersion) -> np.nd
             raise InvalidInput("an input cannot carry both contents and raw_input_contents")
         return fp32_from_bytes(request.raw_input_contents[0], shape, f"input {quoted(tensor.name)}")
     return fp32_from_values(tensor.contents.fp32_contents, shape, f"input {quoted(tensor.name)}")
+
+
+def _check_id(request_id: str) -> None:
+    if len(request_id) > MAX_ID_BYTES // 4 and len(request_id.encode()) > MAX_ID_BYTES:
+        raise InvalidInput(f"the request id is {len(request_id.encode())} bytes long; at most {MAX_ID_BYTES} "
+                           "(it is echoed in the answer)")
+
+
+def _echoed(text: str) -> str:
+    """A caller's string echoed in a failed stream request's answer: as sent, or "" if longer than an id may be."""
+    return text if len(text) <= MAX_ID_BYTES // 4 or len(text.encode()) <= MAX_ID_BYTES else ""
 
 
 def _requested_classes(request: pb.ModelInferRequest, served: ServedVersion) -> int:
@@ -277,8 +290,8 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
                 return pb.ModelStreamInferResponse(infer_response=result)
             identity = pb.ModelInferResponse()
             if isinstance(request, pb.ModelInferRequest):
-                identity = pb.ModelInferResponse(id=request.id, model_name=request.model_name,
-                                                 model_version=request.model_version)
+                identity = pb.ModelInferResponse(id=_echoed(request.id), model_name=_echoed(request.model_name),
+                                                 model_version=_echoed(request.model_version))
             return pb.ModelStreamInferResponse(error_message=f"{result.code.name}: {result.message}",
                                                infer_response=identity)
 
@@ -286,6 +299,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         """One inference request's response (a domain error if it cannot be answered)."""
+        _check_id(request.id)
         served = self.core.resolve(request.model_name, request.model_version)
         images = _decode_input(request, served)
         top_classes = _requested_classes(request, served)

@@ -56,16 +56,18 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: A
         if method.client_streaming != method.server_streaming:
             raise ValueError(f"{method.full_name}: only unary and bidirectional streaming methods are served")
         behavior = getattr(servicer, method.name)
+        serializer: Callable[[Any], bytes] | None = response_class.SerializeToString
         if method.client_streaming:
             behavior = guards.inference_stream(behavior)
             make_handler = grpc.stream_stream_rpc_method_handler
         else:
-            behavior = guards.unary(behavior)
+            behavior = guards.unary(behavior, serializer)  # answers bytes, serialized in the guard
             make_handler = grpc.stream_unary_rpc_method_handler
+            serializer = None
         handlers[method.name] = make_handler(
             behavior,
             request_deserializer=guards.noting_large(tolerant_parser(request_class)),
-            response_serializer=response_class.SerializeToString,
+            response_serializer=serializer,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
@@ -76,8 +78,8 @@ def add_health_service(server: grpc.aio.Server, servicer: health.aio.HealthServi
     parse = guards.noting_large(health_pb2.HealthCheckRequest.FromString)
     serialize = health_pb2.HealthCheckResponse.SerializeToString
     handlers = {
-        "Check": grpc.stream_unary_rpc_method_handler(guards.unary(servicer.Check), request_deserializer=parse,
-                                                      response_serializer=serialize),
+        "Check": grpc.stream_unary_rpc_method_handler(guards.unary(servicer.Check, serialize),
+                                                      request_deserializer=parse),
         "Watch": grpc.stream_stream_rpc_method_handler(guards.watch(servicer.Watch), request_deserializer=parse,
                                                        response_serializer=serialize),
     }

@@ -74,11 +74,13 @@ class Failure(NamedTuple):
 
 
 async def answer(servicer: ServicerBase, method: str, handler: Handler[Response], request: Any,
-                 context: grpc.aio.ServicerContext) -> Response | Failure:
+                 context: grpc.aio.ServicerContext, until_sent: bool = False) -> Response | Failure:
     """Run ``handler`` for one request and count it: its response, or how it failed.
 
     It runs in one of the core's admission slots (none free: RESOURCE_EXHAUSTED at once) and under the
     shutdown gate. Domain errors become their status codes; anything else is logged and hidden behind INTERNAL.
+    With ``until_sent`` (a unary call: the request is the call's only one) the slot is held until gRPC has
+    finished the call, its answer written, so that answers a caller does not read count against the limit.
     """
     started = time.monotonic()
     admission = servicer.core.admission
@@ -105,7 +107,10 @@ async def answer(servicer: ServicerBase, method: str, handler: Handler[Response]
         return response
     finally:
         if admitted:
-            admission.leave()
+            if until_sent:
+                context.add_done_callback(lambda _context: admission.leave())
+            else:
+                admission.leave()
     # Counted before the status goes out: a caller that reads /metrics once it has its error sees it there.
     servicer.count(request, method, failure.code, started)
     return failure
@@ -117,7 +122,7 @@ def rpc(method: str) -> Callable[[Handler[Response]], Handler[Response]]:
     def decorate(handler: Handler[Response]) -> Handler[Response]:
         @functools.wraps(handler)
         async def wrapper(self: ServicerBase, request: Any, context: grpc.aio.ServicerContext) -> Response:
-            result = await answer(self, method, handler, request, context)
+            result = await answer(self, method, handler, request, context, until_sent=True)
             if isinstance(result, Failure):
                 await context.abort(result.code, result.message)
                 raise AssertionError("context.abort returned")  # it raises; this line only satisfies type checkers
