@@ -11,6 +11,9 @@ Latency: do-nothing p50 + model seconds per request.
 The model's time is the median run's: on a shared machine, runs that another process preempted
 would make the ceiling lower, and the targets easier, by chance.
 The figures are plain dicts, as they appear in ``bench.json``, so anyone can recompute them.
+
+convserve's HTTP/REST port, loaded in the same rounds with binary and with JSON tensors, is judged
+against convserve's own gRPC: its requests/s over gRPC's and its p50 less gRPC's.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 SERVED = "convserve"  # the target names in the report's rows
+HTTP_BINARY = "convserve HTTP binary"
+HTTP_JSON = "convserve HTTP JSON"
 NOOP = "do-nothing"
 NAIVE = "naive"
 COMPOSITE = "composite"
@@ -50,6 +55,9 @@ TARGETS = (
            "cpu_us_over_noop", 200, False),
     Target("p50 vs the composite ceiling", 1, 1, "p50_vs_composite", 1.15, False),
     Target("throughput vs the single-threaded composite", 8, 64, "throughput_vs_composite", 1.74, True),
+    Target("HTTP binary tensors' throughput vs gRPC's", 32, 1, "http_binary_throughput_vs_grpc", 0.8, True),
+    Target("HTTP JSON tensors' throughput vs gRPC's", 32, 1, "http_json_throughput_vs_grpc", 0.6, True),
+    Target("HTTP binary tensors' p50 − gRPC's, ms", 1, 1, "http_binary_p50_minus_grpc_ms", 0.3, False),
 )
 
 
@@ -89,6 +97,18 @@ def ratios(served: Mapping[str, Any], naive: Mapping[str, Any] | None,
         if ceiling is not None:
             found["naive_throughput_vs_composite"] = _divide(naive["requests_per_s"], ceiling["requests_per_s"])
             found["naive_p50_vs_composite"] = _divide(naive["p50_ms"], ceiling["p50_ms"])
+    return found
+
+
+def http_ratios(grpc: Mapping[str, Any], binary: Mapping[str, Any] | None,
+                json: Mapping[str, Any] | None) -> dict[str, float]:
+    """convserve's HTTP throughput over its gRPC throughput, with binary and with JSON tensors, and its p50 less
+    gRPC's in ms, each with both tensor encodings (keys absent where that encoding was not loaded)."""
+    found: dict[str, float] = {}
+    for key, http in (("http_binary", binary), ("http_json", json)):
+        if http is not None:
+            found[f"{key}_throughput_vs_grpc"] = _divide(http["requests_per_s"], grpc["requests_per_s"])
+            found[f"{key}_p50_minus_grpc_ms"] = _difference(http["p50_ms"], grpc["p50_ms"])
     return found
 
 

@@ -1,5 +1,7 @@
 """``convserve-bench``: load a convserve server step by step beside its references, and judge it, in one run.
 
+convserve is loaded over gRPC and, in the same rounds, over its HTTP/REST port with binary tensors and with
+JSON tensors (``--no-http`` leaves HTTP out).
 References, measured by this same tool in the same run, in alternating rounds:
   * the do-nothing server: the same gRPC stack and event loop, no model (the cost of gRPC and Python);
   * the naive server: a plain synchronous gRPC server that runs the model in its handler, no batcher;
@@ -27,8 +29,10 @@ from typing import Any
 import numpy as np
 
 from convserve_bench import ceilings, servers
-from convserve_bench.ceilings import NAIVE, NOOP, SERVED
+from convserve_bench.ceilings import HTTP_BINARY, HTTP_JSON, NAIVE, NOOP, SERVED
 from convserve_bench.inprocess import InProcessTiming, SingleThreadedModel
+from convserve_bench.loadgen import HTTP_BINARY as HTTP_BINARY_PROTOCOL
+from convserve_bench.loadgen import HTTP_JSON as HTTP_JSON_PROTOCOL
 from convserve_bench.loadgen import OIP, PROTOCOLS, Step, StepResult, run_step, summarize
 from convserve_bench.processes import (
     LOOPBACK,
@@ -37,6 +41,7 @@ from convserve_bench.processes import (
     ServerNotReady,
     ServerProcess,
     rss_mb,
+    wait_until_http_ready,
     wait_until_ready,
     wait_until_serving_metrics,
 )
@@ -73,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--model-repository", type=Path, help="start convserve-serve on this repository and load it")
     target.add_argument("--target", help="load an already running server at HOST:PORT instead (no naive server "
                         "and no composite ceiling: the tool has no model file to run)")
+    parser.add_argument("--http-target", metavar="HOST:PORT", help="with --target: that server's HTTP/REST port, "
+                        "loaded too (without it, --target loads gRPC only)")
+    parser.add_argument("--no-http", action="store_true", help="leave HTTP out: load convserve over gRPC only (with "
+                        "--model-repository the server is started with no HTTP port)")
     parser.add_argument("--model", default="", help="model to load (default: the one the server serves unnamed calls "
                         "with; name one when the repository holds several)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default=OIP, help="convserve's API to load; the reference "
@@ -109,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         steps = parse_steps(args.steps)
         _check_numbers(args)
+        _check_http_flags(args)
         event_loop = servers.loop_name(args.event_loop)
     except (ValueError, StartupError) as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)
@@ -141,11 +151,19 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise ValueError("--duration must be positive, --warmup and --memory-seconds not negative")
 
 
+def _check_http_flags(args: argparse.Namespace) -> None:
+    if args.http_target is not None and args.target is None:
+        raise ValueError("--http-target goes with --target (with --model-repository the tool picks the HTTP port)")
+    if args.http_target is not None and args.no_http:
+        raise ValueError("--http-target and --no-http contradict each other")
+
+
 def _run(args: argparse.Namespace, steps: list[tuple[int, int]], event_loop: str,
          stack: contextlib.ExitStack) -> dict[str, Any]:
     """Start the servers (stopped when ``stack`` closes), run every step and the memory run; the report."""
-    served, model, model_path = _start_convserve(args, stack)
-    targets = [served, *_start_references(args, stack, model, model_path)]
+    convserve, model, model_path = _start_convserve(args, stack)
+    served = convserve[0]
+    targets = [*convserve, *_start_references(args, stack, model, model_path)]
     in_process = (SingleThreadedModel(model_path, model.input_name, model.image_shape)
                   if model_path is not None and not args.no_ceilings else None)
     print(f"loading {model.name} version {model.version}: input {model.input_name!r} {list(model.image_shape)}, "
@@ -173,20 +191,37 @@ def _run(args: argparse.Namespace, steps: list[tuple[int, int]], event_loop: str
 
 
 def _start_convserve(args: argparse.Namespace,
-                     stack: contextlib.ExitStack) -> tuple[LoadTarget, ServedModel, Path | None]:
-    """convserve as a load target (started here with ``--model-repository``), the model it serves, and that
-    model's file (None for ``--target``)."""
+                     stack: contextlib.ExitStack) -> tuple[list[LoadTarget], ServedModel, Path | None]:
+    """convserve as load targets, gRPC first and then its HTTP port (started here with ``--model-repository``),
+    the model it serves, and that model's file (None for ``--target``)."""
     if args.model_repository is None:
         wait_until_ready(args.target, None, args.ready_timeout)
-        return LoadTarget(SERVED, args.target, args.protocol), _served_model(args.target, args.model, {}), None
+        model = _served_model(args.target, args.model, {})
+        if args.http_target is not None:
+            wait_until_http_ready(args.http_target, args.ready_timeout)
+        return [LoadTarget(SERVED, args.target, args.protocol), *_http_targets(args.http_target)], model, None
     repository = _check_repository(args.model_repository, args.model)
     server = stack.enter_context(ServerProcess(args.model_repository, *_convserve_flags(args),
-                                               ready_timeout_s=args.ready_timeout))
+                                               ready_timeout_s=args.ready_timeout, http=not args.no_http))
     model = _served_model(server.address, args.model, repository)
     metrics_ports = [server.metrics_port + worker for worker in range(_workers(args.server_args))]
     wait_until_serving_metrics(LOOPBACK, metrics_ports, args.ready_timeout)  # every worker started
-    target = LoadTarget(SERVED, server.address, args.protocol, server.process_tree(), metrics_ports)
-    return target, model, _model_file(repository, model)
+    if server.http_address is not None:
+        wait_until_http_ready(server.http_address, args.ready_timeout)
+    pids = server.process_tree()
+    # The same process answers both ports; the rounds are sequential, so each target's CPU is its own.
+    targets = [LoadTarget(SERVED, server.address, args.protocol, pids, metrics_ports),
+               *_http_targets(server.http_address, pids, metrics_ports)]
+    return targets, model, _model_file(repository, model)
+
+
+def _http_targets(address: str | None, pids: list[int] | None = None,
+                  metrics_ports: list[int] | None = None) -> list[LoadTarget]:
+    """convserve's HTTP port at ``address`` loaded with binary tensors and with JSON tensors (none for None)."""
+    if address is None:
+        return []
+    return [LoadTarget(name, address, protocol, list(pids or []), list(metrics_ports or []))
+            for name, protocol in ((HTTP_BINARY, HTTP_BINARY_PROTOCOL), (HTTP_JSON, HTTP_JSON_PROTOCOL))]
 
 
 def _start_references(args: argparse.Namespace, stack: contextlib.ExitStack, model: ServedModel,
@@ -210,6 +245,7 @@ def _empty_report(args: argparse.Namespace, event_loop: str, model: ServedModel)
         "machine": {**describe_machine(), "event_loop": event_loop},
         "settings": {"steps": args.steps, "duration_s": args.duration, "warmup_s": args.warmup,
                      "rounds": args.rounds, "min_requests": args.min_requests, "protocol": args.protocol,
+                     "http": not args.no_http and (args.model_repository is not None or args.http_target is not None),
                      "server_args": args.server_args},
         "model": {"name": model.name, "version": model.version, "input_name": model.input_name,
                   "image_shape": list(model.image_shape), "classes": model.classes},
@@ -229,8 +265,9 @@ def _check_repository(repository: Path, model: str) -> dict[str, list[VersionPat
 
 def _convserve_flags(args: argparse.Namespace) -> list[str]:
     # The model named with --model is the server's default, as a repository of several requires; --server-args
-    # come after it and so win.
-    return (["--default-model", args.model] if args.model else []) + shlex.split(args.server_args)
+    # come after it and so win. With --no-http the server opens no HTTP port (not Triton's 8000 on every address).
+    return ((["--default-model", args.model] if args.model else []) + (["--http-port", "-1"] if args.no_http else [])
+            + shlex.split(args.server_args))
 
 
 def _workers(server_args: str) -> int:
@@ -292,7 +329,7 @@ def _in_process_entry(step: Step, timings: list[InProcessTiming]) -> dict[str, A
 def _add_ceiling_and_ratios(report: dict[str, Any], step: Step, rows: dict[str, dict[str, Any]],
                             model: dict[str, Any] | None) -> None:
     """The step's composite ceiling (with the do-nothing server and a timed model) and convserve's ratios,
-    over the whole step and in each round."""
+    over the whole step and in each round: to the references, and its HTTP port's to its gRPC."""
     key = {"concurrency": step.concurrency, "images_per_request": step.images_per_request}
     served, noop, naive = rows[SERVED], rows.get(NOOP), rows.get(NAIVE)
     ceiling = None
@@ -301,18 +338,30 @@ def _add_ceiling_and_ratios(report: dict[str, Any], step: Step, rows: dict[str, 
         ceiling["rounds"] = [ceilings.composite(noop_part, model_part, step.images_per_request)
                              for noop_part, model_part in zip(noop["rounds"], model["rounds"])]
         report["composite"].append(ceiling)
-    if ceiling is None and naive is None:
-        return
-    entry = {**key, **ceilings.ratios(served, naive, ceiling, noop)}
-    naive_rounds = naive["rounds"] if naive is not None else [None] * len(served["rounds"])
-    ceiling_rounds = ceiling["rounds"] if ceiling is not None else [None] * len(served["rounds"])
-    noop_rounds = noop["rounds"] if noop is not None else [None] * len(served["rounds"])
-    entry["rounds"] = [ceilings.ratios(*parts)
-                       for parts in zip(served["rounds"], naive_rounds, ceiling_rounds, noop_rounds)]
-    if noop is not None:  # judged by the median of the rounds: CPU per request moves with the host's steal
-        per_round = [part["cpu_us_over_noop"] for part in entry["rounds"] if not math.isnan(part["cpu_us_over_noop"])]
-        entry["cpu_us_over_noop"] = statistics.median(per_round) if per_round else float("nan")
-    report["ratios"].append(entry)
+    count = len(served["rounds"])
+    entry: dict[str, Any] = dict(key)
+    per_round: list[dict[str, float]] = [{} for _ in range(count)]
+    if ceiling is not None or naive is not None:
+        entry.update(ceilings.ratios(served, naive, ceiling, noop))
+        for part, parts in zip(per_round, zip(served["rounds"], _rounds(naive, count), _rounds(ceiling, count),
+                                              _rounds(noop, count))):
+            part.update(ceilings.ratios(*parts))
+        if noop is not None:  # judged by the median of the rounds: CPU per request moves with the host's steal
+            cpu = [part["cpu_us_over_noop"] for part in per_round if not math.isnan(part["cpu_us_over_noop"])]
+            entry["cpu_us_over_noop"] = statistics.median(cpu) if cpu else float("nan")
+    if report["settings"]["protocol"] == OIP:  # HTTP's infer is compared with gRPC's ModelInfer, not Classify
+        binary, json_tensors = rows.get(HTTP_BINARY), rows.get(HTTP_JSON)
+        entry.update(ceilings.http_ratios(served, binary, json_tensors))
+        for part, parts in zip(per_round, zip(served["rounds"], _rounds(binary, count), _rounds(json_tensors, count))):
+            part.update(ceilings.http_ratios(*parts))
+    if len(entry) > len(key):
+        entry["rounds"] = per_round
+        report["ratios"].append(entry)
+
+
+def _rounds(row: dict[str, Any] | None, count: int) -> list[Any]:
+    """A row's rounds, or ``count`` Nones for a server that was not loaded."""
+    return row["rounds"] if row is not None else [None] * count
 
 
 def _note_rss(memory: dict[str, float], rss: float) -> None:
@@ -324,7 +373,7 @@ def _note_rss(memory: dict[str, float], rss: float) -> None:
 def _print_rows(rows: dict[str, dict[str, Any]]) -> None:
     for name, row in rows.items():
         cpu = row["server_cpu_us_per_request"]
-        print(f"{name:>12} c={row['concurrency']:<3} b={row['images_per_request']:<3} {row['requests_per_s']:9.0f} req/s "
+        print(f"{name:>21} c={row['concurrency']:<3} b={row['images_per_request']:<3} {row['requests_per_s']:9.0f} req/s "
               f"{row['images_per_s']:9.0f} img/s  p50 {row['p50_ms']:6.2f}  p99 {row['p99_ms']:6.2f} ms  "
               f"server CPU {cpu or float('nan'):7.0f} us/req  errors {row['errors'] or 0}", flush=True)
 
@@ -348,7 +397,7 @@ def memory_growth(address: str, protocol: str, model: ServedModel, pids: list[in
     stop.set()
     sampler.join()
     after = rss_mb(pids)
-    print(f"{'memory':>12} c={concurrency:<3} {seconds:.0f} s: RSS {before:.1f} -> {after:.1f} MB "
+    print(f"{'memory':>21} c={concurrency:<3} {seconds:.0f} s: RSS {before:.1f} -> {after:.1f} MB "
           f"(peak {max(samples, default=after):.1f}), {len(result.latencies_s)} requests, errors {dict(result.errors)}")
     return {"memory_run_seconds": seconds, "memory_run_requests": len(result.latencies_s),
             "memory_run_errors": sum(result.errors.values()), "rss_before_mb": before, "rss_after_mb": after,

@@ -74,6 +74,22 @@ def wait_until_ready(address: str, process: subprocess.Popen | None, timeout_s: 
             time.sleep(READY_POLL_S)
 
 
+def wait_until_http_ready(address: str, timeout_s: float = 60) -> None:
+    """Block until ``GET /v2/health/ready`` at ``address`` (HOST:PORT) answers 200; :class:`ServerNotReady` when
+    ``timeout_s`` runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{address}/v2/health/ready", timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:  # refused, timed out, or an HTTP error status
+            pass
+        if time.monotonic() >= deadline:
+            raise ServerNotReady(f"no HTTP server ready at {address} after {timeout_s:.0f} s")
+        time.sleep(READY_POLL_S)
+
+
 def _stderr_tail(process: subprocess.Popen, stderr_file: IO[bytes] | None, chars: int = 2000) -> str:
     """The end of what an exited process wrote to ``stderr_file`` or else its stderr pipe ("" for neither)."""
     if stderr_file is not None:
@@ -177,23 +193,30 @@ class ChildServer:
 
 
 class ServerProcess(ChildServer):
-    """``python -m convserve_server`` on loopback, on the CPU, with its metrics on a second free port."""
+    """``python -m convserve_server`` on loopback, on the CPU, with its metrics on a second free port (and with
+    ``http=True`` its HTTP/REST port on a third)."""
 
     def __init__(self, repository: Path, *flags: str, ready_timeout_s: float = 60, host: str = LOOPBACK,
-                 port: int | None = None) -> None:
-        """Metrics are served on 127.0.0.1 whatever ``host``, on a free port of their own."""
+                 port: int | None = None, http: bool = False) -> None:
+        """Metrics, and with ``http`` the HTTP/REST endpoint, are served on 127.0.0.1 whatever ``host``, on free
+        ports of their own; without ``http`` the server's HTTP settings are left as they are."""
         self.repository = repository
+        self.http = http
         super().__init__("convserve_server", *flags, ready_timeout_s=ready_timeout_s, host=host, port=port)
 
     def _pick_ports(self) -> None:
         super()._pick_ports()
         self.metrics_port = free_port()
+        self.http_port = free_port() if self.http else None
+        self.http_address = f"{LOOPBACK}:{self.http_port}" if self.http else None
 
     def command(self) -> list[str]:
         """The server's command line; ``flags`` come last, so they override these defaults."""
+        http = ["--http-host", LOOPBACK, "--http-port", str(self.http_port)] if self.http else []
         return [sys.executable, "-m", self.module, "--model-repository", str(self.repository),
                 "--host", self.host, "--port", str(self.port), "--metrics-host", LOOPBACK,
-                "--metrics-port", str(self.metrics_port), "--device", "cpu", "--poll-interval-s", "0", *self.flags]
+                "--metrics-port", str(self.metrics_port), *http, "--device", "cpu", "--poll-interval-s", "0",
+                *self.flags]
 
     def metric(self, name: str, worker: int = 0) -> float:
         """Sum of the samples called exactly ``name``, labels included (``x{model="m"}``), on /metrics of worker

@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from convserve_bench.ceilings import COMPOSITE, NAIVE, NOOP, SERVED, TARGETS
+from convserve_bench.ceilings import COMPOSITE, HTTP_BINARY, HTTP_JSON, NAIVE, NOOP, SERVED, TARGETS
 
 MEMORY_LIMIT_MB = 400.0
 MEMORY_GROWTH_LIMIT_PERCENT = 5.0
@@ -28,8 +28,12 @@ RATIO_COLUMNS = (
     ("naive_throughput_vs_composite", "naive throughput / composite"),
     ("naive_p50_vs_composite", "naive p50 / composite"),
     ("cpu_us_over_noop", "convserve CPU µs/request − do-nothing's"),
+    ("http_binary_throughput_vs_grpc", "HTTP binary throughput / gRPC"),
+    ("http_json_throughput_vs_grpc", "HTTP JSON throughput / gRPC"),
+    ("http_binary_p50_minus_grpc_ms", "HTTP binary p50 − gRPC's, ms"),
+    ("http_json_p50_minus_grpc_ms", "HTTP JSON p50 − gRPC's, ms"),
 )
-SERVER_ORDER = (SERVED, NAIVE, NOOP, COMPOSITE)
+SERVER_ORDER = (SERVED, HTTP_BINARY, HTTP_JSON, NAIVE, NOOP, COMPOSITE)
 
 
 def describe_machine() -> dict[str, Any]:
@@ -49,7 +53,7 @@ def describe_machine() -> dict[str, Any]:
     flags = set(fields.get("flags", "").split())
     vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "unknown" if not flags else "no AVX2"
     versions = {}
-    for package in ("onnxruntime", "onnxruntime-gpu", "grpcio", "numpy", "uvloop"):
+    for package in ("onnxruntime", "onnxruntime-gpu", "grpcio", "numpy", "uvloop", "uvicorn", "aiohttp"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:

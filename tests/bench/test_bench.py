@@ -1,4 +1,5 @@
-"""convserve-bench end to end: it starts convserve and both reference servers, loads them in rounds, and reports."""
+"""convserve-bench end to end: it starts convserve (gRPC and HTTP) and both reference servers, loads them in rounds,
+and reports."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import onnx
 import pytest
 from convserve_bench.ceilings import TARGETS
 from convserve_bench.cli import main, parse_steps
-from convserve_bench.processes import free_port
+from convserve_bench.processes import ServerProcess, free_port
 
 from tests.models import tiny_model, write_version
 
 MIN_REQUESTS = 50  # the tool's default: answers every round waits for
-SERVERS = ("convserve", "do-nothing", "naive")
+REFERENCES = ("convserve", "do-nothing", "naive")
+HTTP = ("convserve HTTP binary", "convserve HTTP JSON")
+SERVERS = (*REFERENCES, *HTTP)
 
 
 def odd_model(name: str = "odd") -> onnx.ModelProto:
@@ -49,7 +52,14 @@ def close(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9)
 
 
-def test_bench_reports_three_servers_the_composite_ceiling_ratios_memory_a_plot_and_markdown(odd_repo, tmp_path):
+def assert_http_ratios_come_from_the_rows(served: dict, binary: dict, json: dict, ratio: dict) -> None:
+    assert close(ratio["http_binary_throughput_vs_grpc"], binary["requests_per_s"] / served["requests_per_s"])
+    assert close(ratio["http_json_throughput_vs_grpc"], json["requests_per_s"] / served["requests_per_s"])
+    assert close(ratio["http_binary_p50_minus_grpc_ms"], binary["p50_ms"] - served["p50_ms"])
+    assert close(ratio["http_json_p50_minus_grpc_ms"], json["p50_ms"] - served["p50_ms"])
+
+
+def test_bench_reports_three_servers_http_the_composite_ceiling_ratios_memory_a_plot_and_markdown(odd_repo, tmp_path):
     output = tmp_path / "results"
     status = main(["--model-repository", str(odd_repo), "--steps", "1x1,8x1,2x8", "--duration", "0.6", "--warmup", "0.2",
                    "--rounds", "2", "--memory-seconds", "1", "--output", str(output)])
@@ -59,6 +69,7 @@ def test_bench_reports_three_servers_the_composite_ceiling_ratios_memory_a_plot_
     assert report["model"] == {"name": "odd", "version": "1", "input_name": "pixels", "image_shape": [6, 5, 3],
                                "classes": 3}
     rows = {(row["target"], row["concurrency"], row["images_per_request"]): row for row in report["steps"]}
+    assert report["settings"]["http"] is True
     assert set(rows) == {(t, c, i) for t in SERVERS for c, i in ((1, 1), (8, 1), (2, 8))}
     for row in report["steps"]:
         assert row["errors"] == {} and row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
@@ -68,7 +79,7 @@ def test_bench_reports_three_servers_the_composite_ceiling_ratios_memory_a_plot_
         for part in row["rounds"]:  # however busy the machine, no round measures nothing
             assert part["requests"] >= MIN_REQUESTS and part["requests_per_s"] > 0
     for (target, concurrency, images), row in rows.items():
-        if target == "convserve":
+        if target.startswith("convserve"):  # one server process answers gRPC and HTTP: its batches in each's rounds
             assert 1 <= row["mean_batch_size"] <= concurrency * images
 
     in_process = by_step(report["in_process"])
@@ -79,7 +90,7 @@ def test_bench_reports_three_servers_the_composite_ceiling_ratios_memory_a_plot_
     assert set(composite) == set(ratios) == set(in_process)
     for step, ceiling in composite.items():
         images = step[1]
-        served, noop, naive = (rows[(target, *step)] for target in SERVERS)
+        served, noop, naive, binary, json_tensors = (rows[(target, *step)] for target in SERVERS)
         # The whole step, then each round, from that round's own figures.
         wholes = [(served, noop, naive, in_process[step], ceiling, ratios[step])]
         parts = list(zip(served["rounds"], noop["rounds"], naive["rounds"], in_process[step]["rounds"],
@@ -94,6 +105,11 @@ def test_bench_reports_three_servers_the_composite_ceiling_ratios_memory_a_plot_
             assert close(ratio["p50_vs_naive"], served_part["p50_ms"] / naive_part["p50_ms"])
             assert close(ratio["naive_throughput_vs_composite"],
                          naive_part["requests_per_s"] / ceiling_part["requests_per_s"])
+        # convserve's HTTP port against its own gRPC, over the step and in each round
+        for served_part, binary_part, json_part, ratio in zip([served, *served["rounds"]], [binary, *binary["rounds"]],
+                                                              [json_tensors, *json_tensors["rounds"]],
+                                                              [ratios[step], *ratios[step]["rounds"]]):
+            assert_http_ratios_come_from_the_rows(served_part, binary_part, json_part, ratio)
 
     memory = report["server_memory"]
     assert memory["memory_run_requests"] > 0 and memory["memory_run_errors"] == 0
@@ -102,15 +118,18 @@ def test_bench_reports_three_servers_the_composite_ceiling_ratios_memory_a_plot_
     summary = (output / "bench.md").read_text()
     for server in (*SERVERS, "composite ceiling (model at batch 1)"):
         assert sum(line.startswith(f"| 1 × 1 | {server} |") for line in summary.splitlines()) == 1
-    for target in TARGETS:  # the single-image targets are judged, each from its measured ratio and rounds
+    judged = 0
+    for target in TARGETS:  # the targets of the steps run are judged, each from its measured ratio and rounds
         entry = ratios.get((target.concurrency, target.images_per_request))
         if entry is None:
             continue
+        judged += 1
         lowest, highest = (f(part[target.ratio] for part in entry["rounds"]) for f in (min, max))
         line = (f"| {target.what} | {target.concurrency} × {target.images_per_request} | {entry[target.ratio]:.2f} "
                 f"| {lowest:.2f}–{highest:.2f} |")
         assert line in summary
         assert summary.split(line, 1)[1].splitlines()[0].endswith("| yes |" if target.met(entry[target.ratio]) else "| no |")
+    assert judged == 2  # the 1 × 1 targets: p50 vs the composite ceiling, HTTP binary p50 less gRPC's
     assert "| server memory growth over 1 s |" in summary
     assert summary.count("xychart-beta") == 2  # requests/s and p99 for the single-image levels
 
@@ -120,12 +139,38 @@ def test_bench_loads_the_model_named_with_model_among_several(odd_repo, tmp_path
     output = tmp_path / "results"
     status = main(["--model-repository", str(odd_repo), "--model", "odd", "--steps", "1x1", "--duration", "0.2",
                    "--warmup", "0", "--rounds", "1", "--min-requests", "5", "--memory-seconds", "0",
-                   "--no-ceilings", "--output", str(output)])
+                   "--no-ceilings", "--no-http", "--output", str(output)])
     assert status == 0
     report = json.loads((output / "bench.json").read_text())
     assert report["model"]["name"] == "odd" and report["model"]["image_shape"] == [6, 5, 3]
-    [row] = report["steps"]
-    assert row["requests"] >= 5 and row["errors"] == {}
+    [row] = report["steps"]  # --no-http: gRPC alone
+    assert row["target"] == "convserve" and row["requests"] >= 5 and row["errors"] == {}
+    assert report["settings"]["http"] is False and report["ratios"] == []
+
+
+def test_a_running_server_is_loaded_over_grpc_and_the_http_port_named_with_http_target(tiny_repo, tmp_path):
+    output = tmp_path / "results"
+    with ServerProcess(tiny_repo, http=True) as server:
+        status = main(["--target", server.address, "--http-target", server.http_address, "--model", "tiny",
+                       "--steps", "2x1", "--duration", "0.4", "--warmup", "0", "--rounds", "2", "--min-requests", "5",
+                       "--memory-seconds", "0", "--no-ceilings", "--output", str(output)])
+    assert status == 0
+    report = json.loads((output / "bench.json").read_text())
+    rows = {row["target"]: row for row in report["steps"]}
+    assert set(rows) == {"convserve", *HTTP}
+    assert all(row["errors"] == {} and len(row["rounds"]) == 2 for row in rows.values())
+    [ratio] = report["ratios"]
+    assert len(ratio["rounds"]) == 2
+    for parts in zip([rows["convserve"], *rows["convserve"]["rounds"]], [rows[HTTP[0]], *rows[HTTP[0]]["rounds"]],
+                     [rows[HTTP[1]], *rows[HTTP[1]]["rounds"]], [ratio, *ratio["rounds"]]):
+        assert_http_ratios_come_from_the_rows(*parts)
+
+
+def test_http_target_needs_target_and_contradicts_no_http(tiny_repo, capsys):
+    assert main(["--model-repository", str(tiny_repo), "--http-target", "127.0.0.1:8000"]) == 2
+    assert "--http-target goes with --target" in capsys.readouterr().err
+    assert main(["--target", "127.0.0.1:8500", "--http-target", "127.0.0.1:8000", "--no-http"]) == 2
+    assert "contradict" in capsys.readouterr().err
 
 
 def test_a_model_the_repository_lacks_is_a_one_line_error(odd_repo, tmp_path, capsys):
@@ -137,7 +182,7 @@ def test_with_several_workers_cpu_memory_and_batches_cover_every_worker(tiny_rep
     output = tmp_path / "results"
     status = main(["--model-repository", str(tiny_repo), "--server-args", "--workers 2", "--steps", "2x1",
                    "--duration", "0.6", "--warmup", "0.2", "--rounds", "1", "--memory-seconds", "0", "--no-ceilings",
-                   "--output", str(output)])
+                   "--no-http", "--output", str(output)])
     assert status == 0
     [row] = json.loads((output / "bench.json").read_text())["steps"]
     # The parent process only waits: the CPU and the batches are the workers', whichever got the connection.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from convserve_bench.ceilings import TARGETS, Target, composite, composite_batch, ratios
+from convserve_bench.ceilings import TARGETS, Target, composite, composite_batch, http_ratios, ratios
 from convserve_bench.report import describe_machine, markdown
 
 
@@ -44,6 +44,19 @@ def test_ratios_divide_convserve_by_each_reference_and_are_nan_where_a_figure_is
     assert math.isnan(ratios(served, {"requests_per_s": float("nan"), "p50_ms": 0.0}, None)["p50_vs_naive"])
 
 
+def test_http_ratios_divide_http_throughput_by_grpcs_and_subtract_grpcs_p50_for_each_encoding_loaded():
+    grpc = {"requests_per_s": 1000.0, "p50_ms": 1.0}
+    binary = {"requests_per_s": 900.0, "p50_ms": 1.25}
+    json = {"requests_per_s": 500.0, "p50_ms": 2.0}
+    assert http_ratios(grpc, binary, json) == pytest.approx({
+        "http_binary_throughput_vs_grpc": 0.9, "http_binary_p50_minus_grpc_ms": 0.25,
+        "http_json_throughput_vs_grpc": 0.5, "http_json_p50_minus_grpc_ms": 1.0})
+    assert set(http_ratios(grpc, binary, None)) == {"http_binary_throughput_vs_grpc", "http_binary_p50_minus_grpc_ms"}
+    assert http_ratios(grpc, None, None) == {}
+    assert math.isnan(http_ratios({"requests_per_s": float("nan"), "p50_ms": 1.0}, binary, None)[
+        "http_binary_throughput_vs_grpc"])
+
+
 def _row(target: str, concurrency: int, images: int, requests_per_s: float, p99_ms: float, **extra) -> dict:
     return {"target": target, "concurrency": concurrency, "images_per_request": images, "requests": 100,
             "requests_per_s": requests_per_s, "images_per_s": requests_per_s * images, "p50_ms": p99_ms / 2,
@@ -53,6 +66,8 @@ def _row(target: str, concurrency: int, images: int, requests_per_s: float, p99_
 def _report() -> dict:
     steps = [
         _row("convserve", 1, 1, 1500.0, 1.0, mean_batch_size=1.0, server_cpu_us_per_request=400.0),
+        _row("convserve HTTP binary", 1, 1, 1400.0, 1.2, mean_batch_size=1.0, server_cpu_us_per_request=420.0),
+        _row("convserve HTTP JSON", 1, 1, 1100.0, 1.6, mean_batch_size=1.0, server_cpu_us_per_request=500.0),
         _row("do-nothing", 1, 1, 2000.0, 0.7, server_cpu_us_per_request=300.0),
         _row("naive", 1, 1, 1600.0, 0.9, server_cpu_us_per_request=350.0),
         _row("convserve", 32, 1, 4000.0, 12.0, mean_batch_size=6.0, server_cpu_us_per_request=300.0,
@@ -69,10 +84,15 @@ def _report() -> dict:
                 "images_per_s": 1800.0, "p50_ms": 0.4, "rounds": []}]
     ratios = [
         {"concurrency": 1, "images_per_request": 1, "p50_vs_composite": 1.25, "p50_vs_naive": 0.95,
-         "rounds": [{"p50_vs_composite": 1.2, "p50_vs_naive": 0.9}, {"p50_vs_composite": 1.3, "p50_vs_naive": 1.1}]},
+         "http_binary_p50_minus_grpc_ms": 0.1,
+         "rounds": [{"p50_vs_composite": 1.2, "p50_vs_naive": 0.9, "http_binary_p50_minus_grpc_ms": 0.05},
+                    {"p50_vs_composite": 1.3, "p50_vs_naive": 1.1, "http_binary_p50_minus_grpc_ms": 0.35}]},
         {"concurrency": 32, "images_per_request": 1, "throughput_vs_composite": 0.9, "cpu_us_over_noop": 215.0,
-         "rounds": [{"throughput_vs_composite": 0.95, "cpu_us_over_noop": 190.0},
-                    {"throughput_vs_composite": 0.8, "cpu_us_over_noop": 240.0}]},
+         "http_binary_throughput_vs_grpc": 0.85, "http_json_throughput_vs_grpc": 0.55,
+         "rounds": [{"throughput_vs_composite": 0.95, "cpu_us_over_noop": 190.0, "http_binary_throughput_vs_grpc": 0.8,
+                     "http_json_throughput_vs_grpc": 0.5},
+                    {"throughput_vs_composite": 0.8, "cpu_us_over_noop": 240.0, "http_binary_throughput_vs_grpc": 0.9,
+                     "http_json_throughput_vs_grpc": 0.6}]},
         {"concurrency": 8, "images_per_request": 64, "throughput_vs_composite": 1.5},  # missed, no rounds
     ]
     memory = {"rss_peak_mb": 150.0, "rss_run_peak_mb": 160.0, "rss_growth_percent": 6.5, "memory_run_seconds": 60.0}
@@ -87,7 +107,8 @@ def test_a_target_is_met_on_the_right_side_of_its_bound():
     assert at_most.met(1.5) and at_most.met(1.0) and not at_most.met(1.51) and not at_most.met(float("nan"))
     assert {(t.concurrency, t.images_per_request, t.ratio, t.bound) for t in TARGETS} == {
         (32, 1, "throughput_vs_composite", 0.85), (32, 1, "cpu_us_over_noop", 200), (1, 1, "p50_vs_composite", 1.15),
-        (8, 64, "throughput_vs_composite", 1.74)}
+        (8, 64, "throughput_vs_composite", 1.74), (32, 1, "http_binary_throughput_vs_grpc", 0.8),
+        (32, 1, "http_json_throughput_vs_grpc", 0.6), (1, 1, "http_binary_p50_minus_grpc_ms", 0.3)}
 
 
 def test_report_marks_each_target_met_or_missed_and_judges_memory():
@@ -99,6 +120,9 @@ def test_report_marks_each_target_met_or_missed_and_judges_memory():
         "p50 vs the composite ceiling": "no",
         "server CPU µs per request over the do-nothing server's (median of rounds)": "no",
         "throughput vs the single-threaded composite": "no",
+        "HTTP binary tensors' throughput vs gRPC's": "yes",
+        "HTTP JSON tensors' throughput vs gRPC's": "no",
+        "HTTP binary tensors' p50 − gRPC's, ms": "yes",
         "server memory, peak": "yes",
         "server memory growth over 60 s": "no",
     }
@@ -111,9 +135,15 @@ def test_report_shows_how_far_each_ratios_rounds_spread():
     assert ("| server CPU µs per request over the do-nothing server's (median of rounds) | 32 × 1 | 215.00 "
             "| 190.00–240.00 | ≤ 200 | no |") in text
     assert "| throughput vs the single-threaded composite | 8 × 64 | 1.50 | – | ≥ 1.74 | no |" in text
+    assert "| HTTP binary tensors' throughput vs gRPC's | 32 × 1 | 0.85 | 0.80–0.90 | ≥ 0.8 | yes |" in text
+    assert "| HTTP JSON tensors' throughput vs gRPC's | 32 × 1 | 0.55 | 0.50–0.60 | ≥ 0.6 | no |" in text
+    assert "| HTTP binary tensors' p50 − gRPC's, ms | 1 × 1 | 0.10 | 0.05–0.35 | ≤ 0.3 | yes |" in text
     # the ratios table has a column for each ratio some step has
     assert "| step | convserve throughput / composite | convserve p50 / composite | convserve p50 / naive |" in text
     assert "| 1 × 1 | – (–) | 1.25 (1.20–1.30) | 0.95 (0.90–1.10) |" in text
+    assert text.count("| HTTP binary throughput / gRPC | HTTP JSON throughput / gRPC | HTTP binary p50 − gRPC's, ms |") == 1
+    assert "| 32 × 1 | 0.90 (0.80–0.95) | – (–) | – (–) | 215.00 (190.00–240.00) | 0.85 (0.80–0.90) | 0.55 (0.50–0.60) " \
+        "| – (–) |" in text
 
 
 def test_report_tables_every_row_with_the_ceiling_and_charts_only_sizes_with_several_concurrency_levels():
@@ -122,7 +152,9 @@ def test_report_tables_every_row_with_the_ceiling_and_charts_only_sizes_with_sev
     assert "| 8 × 64 | do-nothing | 1,000 | 64,000 | 7.50 / 12.00 / 15.00 | – | – | – | none |" in text
     assert "| 1 × 1 | composite ceiling (model at batch 1) | 1,800 | 1,800 | 0.40 / – / – | – | – | – | – |" in text
     rows = [line for line in text.splitlines() if line.startswith("| 1 × 1 | ") and "none |" in line]
-    assert [line.split(" | ")[1] for line in rows] == ["convserve", "naive", "do-nothing"]
+    assert [line.split(" | ")[1] for line in rows] == ["convserve", "convserve HTTP binary", "convserve HTTP JSON",
+                                                       "naive", "do-nothing"]
+    assert "| 1 × 1 | convserve HTTP JSON | 1,100 | 1,100 | 0.80 / 1.28 / 1.60 | 500 | 1.0 | – | none |" in text
     assert "8 × 64 at batch 64: 6.000 ms median (93.8 µs per image), 6.400 ms mean" in text
     machine = describe_machine()
     assert machine["vector_instructions"] in {"AVX-512", "AVX2", "no AVX2", "unknown"}
