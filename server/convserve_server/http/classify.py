@@ -19,6 +19,7 @@ from convserve_server.errors import InvalidInput, quoted
 from convserve_server.http.errors import UNSUPPORTED_MEDIA, HttpError
 from convserve_server.http.messages import Call, Reply, json_reply
 from convserve_server.http.oip import verification_parameters
+from convserve_server.http.tensors import MAX_COUNT_DIGITS, whole_number
 from convserve_server.images import ImageDecoder
 
 DEFAULT_TOP_K = 5
@@ -86,9 +87,11 @@ def _top_k(call: Call, fields: dict[str, str], classes: int) -> int:
     text = fields.get("top_k", call.query.get("top_k"))
     if text is None:
         return min(DEFAULT_TOP_K, classes)
-    if not text.strip().isdigit():
-        raise InvalidInput(f"top_k must be a whole number, got {quoted(text)}")
-    return int(text)
+    top_k = whole_number(text)
+    if top_k is None:
+        raise InvalidInput(f"top_k must be a whole number of at most {MAX_COUNT_DIGITS} ASCII digits, got "
+                           f"{quoted(text)}")
+    return top_k
 
 
 def images_of(call: Call) -> tuple[list[bytes], list[str | None], dict[str, str]]:

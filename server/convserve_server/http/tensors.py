@@ -20,6 +20,9 @@ FP32 = "FP32"
 BYTES = "BYTES"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
+MAX_COUNT_DIGITS = 18
+"""Most digits of a count read from a header or the query: more is no count a server could use (and Python
+refuses to convert over 4,300 digits)."""
 
 
 @dataclass(frozen=True)
@@ -39,15 +42,24 @@ def parse_json(data: bytes | memoryview, what: str) -> Any:
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
 
 
+def whole_number(text: str) -> int | None:
+    """``text`` as a non-negative integer if it is a short run of ASCII digits (``str.isdigit`` also accepts
+    ``"²"``, which ``int`` refuses), else None."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_COUNT_DIGITS:
+        return None
+    return int(text)
+
+
 def split_body(body: bytes, header_length: str | None) -> tuple[memoryview, memoryview]:
     """The JSON header and the binary section after it, as Triton's binary extension lays them out."""
     whole = memoryview(body)
     if header_length is None:
         return whole, whole[len(body):]
-    if not header_length.isdigit() or int(header_length) > len(body):
+    length = whole_number(header_length)
+    if length is None or length > len(body):
         raise InvalidInput(f"Inference-Header-Content-Length {quoted(header_length)} is not a byte count within the "
                            f"{len(body)}-byte body")
-    length = int(header_length)
     return whole[:length], whole[length:]
 
 

@@ -100,6 +100,14 @@ def test_what_is_not_an_image_is_refused_with_the_reason(served, body_and_header
     assert message is None or message in answer.json()["error"]
 
 
+@pytest.mark.parametrize("top_k", ["%C2%B2", "%C2%B3", "9" * 5000])
+def test_a_top_k_that_is_no_short_ascii_number_is_400(served, top_k):
+    answer = served.request("POST", f"/v2/models/digits/classify?top_k={top_k}", pictures()[0],
+                            {"Content-Type": "image/png"})
+    assert answer.status == 400, answer.body
+    assert "top_k must be a whole number" in answer.json()["error"]
+
+
 def test_the_limits_of_encoded_images_apply(served):
     noise = encode(np.random.default_rng(0).integers(0, 256, (90, 90, 3), dtype=np.uint8), "PNG")
     assert len(noise) > 20_000

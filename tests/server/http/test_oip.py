@@ -177,6 +177,16 @@ def test_binary_sizes_that_do_not_add_up_are_400(served):
     assert wrong_header.status == 400 and "Inference-Header-Content-Length" in wrong_header.json()["error"]
 
 
+@pytest.mark.parametrize("length", ["\u00b2", "\u00b3", "9" * 5000])
+def test_a_header_length_that_is_no_ascii_count_is_400(served, length):
+    """"²".isdigit() is true but int("²") raises: each was a 500."""
+    body, headers = binary_request(BATCH)
+    answer = served.request("POST", "/v2/models/tiny/infer", body,
+                            {**headers, "Inference-Header-Content-Length": length})
+    assert answer.status == 400, answer.body
+    assert "Inference-Header-Content-Length" in answer.json()["error"]
+
+
 def test_an_unknown_output_is_404_as_over_grpc(served):
     answer = served.post_json("/v2/models/tiny/infer", json_request(BATCH[:1], outputs=[{"name": "logits"}]))
     assert answer.status == 404 and "unknown output 'logits'" in answer.json()["error"]
