@@ -1,7 +1,7 @@
 """The one place where domain errors and HTTP's own refusals become HTTP statuses and ``{"error": ...}`` bodies.
 
-It mirrors :mod:`convserve_server.servicers.status` (the gRPC mapping) error for error, and names each answer
-with the canonical status code name too, so that HTTP and gRPC requests are counted in the same metrics.
+A domain error's HTTP status is chosen here; the code name it is counted under in the metrics is gRPC's, taken
+from :mod:`convserve_server.servicers.status`, so that one error counts the same over both protocols.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from typing import NamedTuple
 from convserve_server.errors import (
     DeadlineExpired, InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, Overloaded, ServingError,
 )
-
-MAX_MESSAGE_CHARS = 1024
-"""Longest error message sent, as over gRPC."""
+from convserve_server.servicers.status import MAX_MESSAGE_CHARS, status_code_for
 
 
 class Status(NamedTuple):
@@ -32,19 +30,18 @@ METHOD_NOT_ALLOWED = Status(405, "UNIMPLEMENTED")
 REQUEST_TIMEOUT = Status(408, "DEADLINE_EXCEEDED")
 TOO_LARGE = Status(413, "RESOURCE_EXHAUSTED")
 UNSUPPORTED_MEDIA = Status(415, "INVALID_ARGUMENT")
-TOO_MANY_REQUESTS = Status(429, "RESOURCE_EXHAUSTED")
 INTERNAL = Status(500, "INTERNAL")
 UNAVAILABLE = Status(503, "UNAVAILABLE")
-GATEWAY_TIMEOUT = Status(504, "DEADLINE_EXCEEDED")
 
-STATUS_BY_ERROR: dict[type[ServingError], Status] = {
-    InvalidInput: BAD_REQUEST,
-    ModelNotFound: NOT_FOUND,
-    ModelNotReady: UNAVAILABLE,
-    Overloaded: TOO_MANY_REQUESTS,
-    DeadlineExpired: GATEWAY_TIMEOUT,
-    ModelLoadFailed: BAD_REQUEST,  # gRPC's FAILED_PRECONDITION, which HTTP gateways answer with 400
+HTTP_STATUS_BY_ERROR: dict[type[ServingError], int] = {
+    InvalidInput: 400,
+    ModelNotFound: 404,
+    ModelNotReady: 503,
+    Overloaded: 429,
+    DeadlineExpired: 504,
+    ModelLoadFailed: 400,  # gRPC's FAILED_PRECONDITION, which HTTP gateways answer with 400
 }
+"""The HTTP status of each domain error (its metrics code is gRPC's: :func:`status_for`)."""
 
 
 class HttpError(Exception):
@@ -59,9 +56,10 @@ def status_for(error: Exception) -> Status:
     """The status of a domain error or an :class:`HttpError`; INTERNAL for anything else."""
     if isinstance(error, HttpError):
         return error.status
-    for error_type, status in STATUS_BY_ERROR.items():
-        if isinstance(error, error_type):
-            return status
+    if isinstance(error, ServingError):
+        for error_type, http in HTTP_STATUS_BY_ERROR.items():
+            if isinstance(error, error_type):
+                return Status(http, status_code_for(error).name)
     return INTERNAL
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -15,10 +16,12 @@ import numpy as np
 import orjson
 import pytest
 
+from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server import errors
 from convserve_server.config import ServerConfig
 from convserve_server.http.errors import INTERNAL, status_for
+from convserve_server.servicers.status import status_code_for
 from tests.models import TINY_LABELS, write_version
 from tests.server.http.serving import ServerThread, running_server
 from tests.server.test_server import infer_request, metric, reference
@@ -203,6 +206,30 @@ def test_every_domain_error_has_its_own_status():
     assert INTERNAL.http not in statuses.values(), statuses
     assert statuses[errors.InvalidInput] == 400 and statuses[errors.ModelNotFound] == 404
     assert statuses[errors.Overloaded] == 429 and statuses[errors.ModelNotReady] == 503
+
+
+def test_each_domain_error_is_counted_under_grpcs_code():
+    for error in errors.ServingError.__subclasses__():
+        assert status_for(error("x")).code == status_code_for(error("x")).name, error
+
+
+def test_a_load_that_fails_counts_as_failed_precondition_over_both_protocols(served, repository):
+    counted = 'convserve_requests_total{code="FAILED_PRECONDITION",method="RepositoryModelLoad",model="tiny"}'
+    before = metric(served.server, counted)
+    broken = repository / "tiny" / "3"
+    broken.mkdir()
+    try:
+        (broken / "model.onnx").write_bytes(b"corrupt")
+        answer = served.request("POST", "/v2/repository/models/tiny/load", b"{}", {"Content-Type": "application/json"})
+        assert answer.status == 400 and "refused tiny v3" in answer.json()["error"]
+        with grpc.insecure_channel(f"127.0.0.1:{served.server.port}") as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelLoad(
+                    pb.RepositoryModelLoadRequest(model_name="tiny"), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        shutil.rmtree(broken)
+    assert metric(served.server, counted) == before + 2
 
 
 def test_http_and_grpc_requests_share_the_statistics_and_the_metrics(served):
