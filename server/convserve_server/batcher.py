@@ -195,6 +195,7 @@ class DynamicBatcher:
         self._dispatch_handle: asyncio.Handle | None = None  # a dispatch at the end of this loop turn
         self._fill_timer: asyncio.TimerHandle | None = None  # a dispatch when the queue delay ends
         self._calibration_done: asyncio.Future[float] | None = None
+        self._calibrating = False  # requests are refused until the costs are measured
         self._beyond_wake_s = 0.0  # a hand-off's cost beyond waking the thread (the way back, a colder run)
         self._closing = False
         self._stopped_reason: str | None = None  # set when a worker died: the batcher refuses everything
@@ -210,8 +211,8 @@ class DynamicBatcher:
 
     @property
     def running(self) -> bool:
-        """Started, not closed, and no worker has died."""
-        return self._loop is not None and not self._closing
+        """Started and calibrated, not closed, and no worker has died."""
+        return self._loop is not None and not self._closing and not self._calibrating
 
     def start(self) -> None:
         """Start one worker thread per instance; answers go back to the running loop."""
@@ -226,12 +227,24 @@ class DynamicBatcher:
     async def calibrate(self, sample: np.ndarray) -> None:
         """Measure the model on ``sample``'s first 1, 2, 4 ... rows (off the loop) and what a hand-off adds.
 
-        Call after :meth:`start`, before requests arrive; ``sample`` holds ``max_batch_size`` rows.  A hand-off
+        Call after :meth:`start`; until it returns, requests are refused (ModelNotReady), so that none runs
+        before the costs are known.  ``sample`` holds ``max_batch_size`` rows.  A hand-off
         is timed as a request on an idle model meets it: a one-row batch handed to an instance thread that
         has been idle for a moment, from the hand-off until its answer is back on the loop, less the same
         batch's time run back to back.  That includes waking the thread and its CPU, and the colder caches
         the model then runs with.
         """
+        self._calibrating = True
+        try:
+            await self._measure_costs(sample)
+        finally:
+            self._calibrating = False
+        log.info("%s: a hand-off to an instance thread and back adds %.0f µs; batches expected to cost less "
+                 "run on the event loop (up to %d rows here)", self._name, (self.costs.handoff_s or 0) * 1e6,
+                 self._largest_on_loop())
+
+    async def _measure_costs(self, sample: np.ndarray) -> None:
+        """The model by batch size, then the hand-off; ModelNotReady if the batcher closes or breaks meanwhile."""
         for rows in _calibration_sizes(min(len(sample), self._max_batch_size)):
             seconds = await asyncio.to_thread(self._time_model, sample[:rows])
             self.costs.observe_compute(rows, seconds)
@@ -240,9 +253,11 @@ class DynamicBatcher:
         round_trips, wakes = [], []
         for _ in range(CALIBRATION_RUNS):
             await asyncio.sleep(CALIBRATION_IDLE_S)  # the instance thread goes back to waiting, its CPU idles
+            if self._closing or not self._idle:
+                raise ModelNotReady(self._stopped_reason or "the model's batcher closed while it was calibrated")
             done = loop.create_future()
             self._calibration_done = done
-            self._idle -= 1  # an instance takes it now: calibration runs before requests arrive
+            self._idle -= 1  # an instance takes it now: no request is dispatched while calibrating
             job = _Job([], time.monotonic(), probe=sample[:1])
             self._jobs.put(job)
             answered = await done
@@ -250,9 +265,6 @@ class DynamicBatcher:
             wakes.append(job.started - job.handed)
         self.costs.handoff_s = max(statistics.median(round_trips) - hot, 0.0)
         self._beyond_wake_s = max(self.costs.handoff_s - statistics.median(wakes), 0.0)
-        log.info("%s: a hand-off to an instance thread and back adds %.0f µs; batches expected to cost less "
-                 "run on the event loop (up to %d rows here)", self._name, self.costs.handoff_s * 1e6,
-                 self._largest_on_loop())
 
     def _time_model(self, rows: np.ndarray) -> float:
         """The median time of back-to-back runs of the model on ``rows``."""
@@ -290,6 +302,8 @@ class DynamicBatcher:
             raise ModelNotReady("the model's batcher has not started")
         if self._closing:
             raise ModelNotReady(self._stopped_reason or "server is draining; not accepting new requests")
+        if self._calibrating:
+            raise ModelNotReady(f"{self._name} is warming up; retry shortly")
         size = self._max_batch_size
         self._check_fits(len(rows))
         if len(rows) <= size:
@@ -368,6 +382,7 @@ class DynamicBatcher:
         try:
             calls = self._compute(batch)
         except (KeyboardInterrupt, SystemExit):
+            self._fail(batch, ModelNotReady("the server is stopping"))
             raise
         except BaseException as exc:  # not a bad request (those are caught per batch): the model is broken
             reason = f"batcher stopped: {type(exc).__name__}: {exc}"
@@ -437,8 +452,9 @@ class DynamicBatcher:
         answered = time.monotonic()
         calls = job.computed
         if calls is None:  # a calibration round trip
-            assert self._calibration_done is not None
-            self._calibration_done.set_result(answered)
+            done = self._calibration_done
+            if done is not None and not done.done():  # else calibration was cancelled or failed meanwhile
+                done.set_result(answered)
         else:
             # Only the wake-up is measured here.  The way back waits behind whatever else the loop is doing,
             # which a batch computed on the loop waits behind as well; it and the colder run are as calibrated.
@@ -465,6 +481,8 @@ class DynamicBatcher:
             self._queue.clear()
             self._queued_rows = 0
             self._report_depth()
+        if self._calibration_done is not None and not self._calibration_done.done():
+            self._calibration_done.set_exception(ModelNotReady(reason))
         self._schedule_dispatch()  # stops the idle instances
 
     def _post(self, callback: Callable[..., object], *args: object) -> None:

@@ -76,7 +76,12 @@ class ServedVersion:
         self.verification = await asyncio.to_thread(verify, self.model, self.name, self.version,
                                                     self._config.allow_unverified)
         self.batcher.start()
-        await self.batcher.calibrate(np.zeros((self._config.max_batch_size, *self.model.input_shape), np.float32))
+        try:
+            await self.batcher.calibrate(np.zeros((self._config.max_batch_size, *self.model.input_shape),
+                                                  np.float32))
+        except BaseException:
+            await self.batcher.close()  # its instance threads stop with it
+            raise
         log.info("model %s v%d ready on %s (%d instances), %s", self.name, self.version, self.model.provider,
                  self._config.model_instances, self.verification.summary())
 

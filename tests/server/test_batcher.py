@@ -373,16 +373,34 @@ async def test_a_batch_dearer_than_a_hand_off_runs_on_a_thread_while_the_loop_st
     await batcher.close()
 
 
-async def test_a_cheap_batch_runs_here_while_the_instances_are_busy_with_dear_ones():
-    model = GatedModel(gated=True)
+class ThreadGatedModel(GatedModel):
+    """Holds calls at the gate on instance threads only; calls on the loop's thread pass at once."""
+
+    def __init__(self) -> None:
+        super().__init__(gated=True)
+        self.loop_thread = threading.current_thread().name
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        if threading.current_thread().name == self.loop_thread:
+            with self._lock:
+                self.calls.append(rows[:, 0].tolist())
+                self.threads.add(self.loop_thread)
+            return rows[:, :1] * 2
+        return super().__call__(rows)
+
+
+async def test_a_cheap_batch_runs_on_the_loop_while_an_instance_is_busy_with_a_dear_one():
+    model = ThreadGatedModel()
     costs = BatchCosts(handoff_s=1e-3, compute_s={1: 1e-6, 2: 1.0})
     batcher, _ = await started(model, max_batch_size=2, costs=costs)
     dear = asyncio.ensure_future(batcher.submit(rows(1, 2)))
-    await asyncio.to_thread(model.wait_inside, 1)
-    model.gate.set()  # the thread's batch still holds the instance until it answers; this one runs here
-    assert float((await batcher.submit(rows(7)))[0, 0]) == 14
+    await asyncio.to_thread(model.wait_inside, 1)  # the dear batch holds an instance thread at the gate
+    assert float((await batcher.submit(rows(7)))[0, 0]) == 14  # answered while the dear one still computes
+    assert not dear.done()
+    model.gate.set()
     np.testing.assert_array_equal(await dear, rows(2, 4))
-    assert threading.current_thread().name in model.threads and len(model.threads) == 2
+    assert model.calls == [[1, 2], [7]]
+    assert len(model.threads) == 2 and model.loop_thread in model.threads
     await batcher.close()
 
 
@@ -412,15 +430,15 @@ class SleepingModel:
         return batch[:, :1] * 2
 
 
-@pytest.mark.parametrize("seconds, on_loop", [(0.0, True), (0.05, False)])
+@pytest.mark.parametrize("seconds, on_loop", [(0.0, True), (0.2, False)])
 async def test_calibration_measures_the_model_and_the_hand_off_and_places_batches_by_them(seconds, on_loop):
     model = SleepingModel(seconds)
-    batcher = DynamicBatcher(model, max_batch_size=2)
+    batcher = DynamicBatcher(model, max_batch_size=1)
     batcher.start()
     assert not batcher.costs.cheaper_on_loop(1)  # nothing measured: nothing assumed cheap
-    await batcher.calibrate(np.zeros((2, 1), dtype=np.float32))
+    await batcher.calibrate(np.zeros((1, 1), dtype=np.float32))
     assert batcher.costs.handoff_s is not None and batcher.costs.handoff_s > 0
-    assert batcher.costs.expected_compute_s(2) >= seconds
+    assert batcher.costs.expected_compute_s(1) >= seconds
     model.threads.clear()
     assert float((await batcher.submit(rows(4)))[0, 0]) == 8
     assert (threading.current_thread().name in model.threads) is on_loop
@@ -436,3 +454,42 @@ def test_costs_are_interpolated_between_measured_sizes_and_follow_new_measuremen
         costs.observe_compute(4, 0.02)
     assert not costs.cheaper_on_loop(4)
     assert BatchCosts().expected_compute_s(1) is None
+
+
+async def test_requests_are_refused_until_calibration_is_done():
+    model = SleepingModel(0.01)
+    batcher = DynamicBatcher(model, max_batch_size=1)
+    batcher.start()
+    calibrating = asyncio.ensure_future(batcher.calibrate(np.zeros((1, 1), dtype=np.float32)))
+    await asyncio.sleep(0)
+    assert not batcher.running
+    with pytest.raises(ModelNotReady, match="warming up"):
+        await batcher.submit(rows(1))
+    await calibrating
+    assert batcher.running and float((await batcher.submit(rows(2)))[0, 0]) == 4
+    await batcher.close()
+
+
+async def test_a_close_during_calibration_ends_it_and_stops_every_instance():
+    model = SleepingModel(0.01)
+    batcher = DynamicBatcher(model, max_batch_size=1, instances=2)
+    batcher.start()
+    calibrating = asyncio.ensure_future(batcher.calibrate(np.zeros((1, 1), dtype=np.float32)))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(batcher.close(), 10)
+    with pytest.raises(ModelNotReady):
+        await asyncio.wait_for(calibrating, 10)
+
+
+async def test_an_instance_that_breaks_during_calibration_fails_it_instead_of_hanging():
+    def crashing(batch: np.ndarray) -> np.ndarray:
+        if threading.current_thread().name.startswith("model-instance"):
+            raise ModelCrash("the instance broke")
+        return batch
+
+    batcher = DynamicBatcher(crashing, max_batch_size=1)
+    batcher.start()
+    with pytest.raises(ModelNotReady, match="ModelCrash"):
+        await asyncio.wait_for(batcher.calibrate(np.zeros((1, 1), dtype=np.float32)), 10)
+    assert not batcher.running
+    await asyncio.wait_for(batcher.close(), 10)
