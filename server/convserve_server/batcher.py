@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import statistics
+import sys
 import threading
 import time
 from collections import deque
@@ -458,7 +459,10 @@ class DynamicBatcher:
         else:
             # Only the wake-up is measured here.  The way back waits behind whatever else the loop is doing,
             # which a batch computed on the loop waits behind as well; it and the colder run are as calibrated.
-            self.costs.observe_handoff((calls[0].started - job.handed) + self._beyond_wake_s)
+            # A wake-up waits for the GIL at most the interpreter's switch interval; anything longer is the host's
+            # scheduling, and must not talk the estimate into putting ever larger batches on the loop.
+            wake = min(calls[0].started - job.handed, sys.getswitchinterval())
+            self.costs.observe_handoff(wake + self._beyond_wake_s)
             for computed in calls:
                 self._settle(computed)
         self._schedule_dispatch()
