@@ -29,6 +29,7 @@ from convserve_server.http.errors import (
 from convserve_server.http.messages import Call, Reply, json_reply
 from convserve_server.http.oip import OipEndpoints
 from convserve_server.http.pages import Pages
+from convserve_server.http.tensors import whole_number
 from convserve_server.images import ImageDecoder
 from convserve_server.metrics import ServerMetrics
 
@@ -124,7 +125,9 @@ class RestApp:
         headers = _headers(scope)
         route: Route | None = None
         params: dict[str, str] = {}
-        closing = False
+        # A body left unread must not be read as the next request, nor keep the connection open while it
+        # trickles in (each byte would restart uvicorn's keep-alive timer): the connection closes after the answer.
+        closing = declares_body(headers)
         try:
             if scope.get(OVER_CAPACITY):
                 closing = True
@@ -135,12 +138,15 @@ class RestApp:
             route, params = self._match(scope["method"], scope["path"])
             if not route.open:
                 self._check_token(headers)
-            body = await self._read_body(headers, receive) if route.reads_body else b""
+            body = b""
+            if route.reads_body:
+                body = await self._read_body(headers, receive)
+                closing = False
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
             reply = await self._run(route, Call(params, query, headers, body))
         except Exception as exc:
             reply = self._error_reply(exc, route)
-            # A body left unsent must not be read as the next request, nor keep uploading: close.
+            # A body left unsent (or inflated in part) must not be read as the next request, nor keep uploading.
             closing = closing or reply.status in (TOO_LARGE, UNAUTHENTICATED, REQUEST_TIMEOUT)
         if route is not None and route.method_name:
             self._count(route, params, reply.status, started)
@@ -168,9 +174,9 @@ class RestApp:
 
     async def _read_body(self, headers: dict[str, str], receive: Receive) -> bytes:
         """The whole body, under the size cap (413 before reading past it) and the receive timeout, inflated."""
-        declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self._max_body:
-            raise HttpError(TOO_LARGE, f"the body is {int(declared):,} bytes, over the limit of {self._max_body:,} "
+        declared = whole_number(headers.get("content-length", ""))
+        if declared is not None and declared > self._max_body:
+            raise HttpError(TOO_LARGE, f"the body is {declared:,} bytes, over the limit of {self._max_body:,} "
                             "(--http-max-body-bytes)")
         chunks: list[bytes] = []
         size = 0
@@ -275,6 +281,11 @@ class RestApp:
             response_headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": reply.status.http, "headers": response_headers})
         await send({"type": "http.response.body", "body": reply.body})
+
+
+def declares_body(headers: dict[str, str]) -> bool:
+    """Whether a request says a body follows: a Content-Length other than 0, or a Transfer-Encoding."""
+    return headers.get("content-length", "0").strip() != "0" or "transfer-encoding" in headers
 
 
 def _headers(scope: Scope) -> dict[str, str]:

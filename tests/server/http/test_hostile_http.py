@@ -26,6 +26,7 @@ MAX_BODY = 64 * 1024
 MAX_INFLATED = 256 * 1024
 HEADER_TIMEOUT_S = 1.0
 RECEIVE_TIMEOUT_S = 1.0
+KEEPALIVE_TIMEOUT_S = 1.0
 MAX_CONNECTIONS = 6
 ALLOWED_ORIGIN = "https://app.example"
 REQUEST = orjson.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 8, 8, 3], "data": [0.5] * 192}]})
@@ -37,7 +38,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     write_version(repository, "tiny", 1)
     with running_server(repository, auth_token=TOKEN, http_max_body_bytes=MAX_BODY,
                         http_max_decompressed_bytes=MAX_INFLATED, http_header_timeout_s=HEADER_TIMEOUT_S,
-                        receive_timeout_s=RECEIVE_TIMEOUT_S, http_max_connections=MAX_CONNECTIONS,
+                        receive_timeout_s=RECEIVE_TIMEOUT_S, http_keepalive_timeout_s=KEEPALIVE_TIMEOUT_S,
+                        http_max_connections=MAX_CONNECTIONS,
                         cors_origins=ALLOWED_ORIGIN) as server:
         yield server
 
@@ -152,6 +154,38 @@ def test_a_slow_body_is_408(served):
         assert_answered(served)  # meanwhile
         answer = read_until_closed(connection)
     assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 1 s" in answer
+
+
+@pytest.mark.parametrize("request_head", [
+    b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
+    b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n100000\r\n",
+    b"GET /v3/absent HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
+])
+def test_a_body_no_endpoint_reads_does_not_keep_the_connection_open(served, request_head):
+    """Answered, then closed: a body trickled in afterwards, a byte every 0.2 s, would otherwise keep restarting
+    uvicorn's keep-alive timer, and open connections, no token needed, would fill --http-max-connections."""
+    with raw_connection(served) as connection:
+        connection.sendall(request_head)
+        connection.settimeout(0.2)
+        received = b""
+        give_up = time.monotonic() + KEEPALIVE_TIMEOUT_S + HEADER_TIMEOUT_S + RECEIVE_TIMEOUT_S + 3
+        while True:
+            assert time.monotonic() < give_up, f"still open; received {received[:80]!r}"
+            try:
+                chunk = connection.recv(65536)
+            except TimeoutError:
+                try:
+                    connection.sendall(b"x")
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    assert received.startswith((b"HTTP/1.1 200 ", b"HTTP/1.1 404 ")) and b"connection: close" in received.lower()
+    assert_answered(served)
 
 
 def test_connections_beyond_the_cap_get_503_while_open_ones_are_answered(served):
