@@ -327,5 +327,10 @@ def _check_signature(path: Path, session: ort.InferenceSession, card: ModelCard)
     output = outputs.get(card.output_name)
     if output is None:
         raise StartupError(f"{path}: no output named {card.output_name!r}, found {sorted(outputs)}")
+    for role, checked in (("input", tensor), ("output", output)):
+        if checked.shape and isinstance(checked.shape[0], int) and checked.shape[0] > 0:
+            raise StartupError(f"{path}: {role} {checked.name} has a fixed batch dimension of {checked.shape[0]} "
+                               f"{checked.shape}; the server runs batches of up to --max-batch-size images, so "
+                               "export it with a dynamic first axis")
     if output.shape[-1] != len(card.labels):
         raise StartupError(f"{path}: output has {output.shape[-1]} classes but the card lists {len(card.labels)} labels")
