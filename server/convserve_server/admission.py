@@ -172,21 +172,21 @@ class IdleStreams:
         return clock
 
     def forget(self) -> None:
-        """The current task's stream has ended."""
+        """The current task's stream has ended; the sweep stops with the last one."""
         self._open.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+        if not self._open and self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     async def _sweep(self) -> None:
         interval_s = min(self.timeout_s / 4, 1.0)
-        try:
-            while self._open:
-                await asyncio.sleep(interval_s)
-                idle_since = time.monotonic() - self.timeout_s
-                for task, clock in list(self._open.items()):
-                    if clock.last_message < idle_since and not clock.expired:
-                        clock.expired = True
-                        task.cancel()
-        finally:
-            self._sweeper = None
+        while True:
+            await asyncio.sleep(interval_s)
+            idle_since = time.monotonic() - self.timeout_s
+            for task, clock in list(self._open.items()):
+                if clock.last_message < idle_since and not clock.expired:
+                    clock.expired = True
+                    task.cancel()
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
+from convserve_server.admission import UnsentAnswers
 
 from tests.models import write_version
 from tests.server.test_exhaustion import (
@@ -270,3 +271,18 @@ def tiny_request(request_id: str) -> pb.ModelInferRequest:
 async def _pause(seconds: float) -> None:
     """Time between a caller's requests (the behaviour under test, not a wait for the server)."""
     await asyncio.sleep(seconds)
+
+
+def test_unsent_answer_bytes_are_counted_per_connection_until_delivered():
+    unsent = UnsentAnswers(limit_bytes=100, write_timeout_s=60)
+    assert not unsent.holding and unsent.refusal("ipv4:10.0.0.1:5000") is None
+    unsent.hold("ipv4:10.0.0.1:5000", 60)
+    assert unsent.refusal("ipv4:10.0.0.1:5000") is None  # within the bound
+    unsent.hold("ipv4:10.0.0.1:5000", 60)
+    refusal = unsent.refusal("ipv4:10.0.0.1:5000")
+    assert refusal is not None and "120 bytes" in refusal and "at most 100" in refusal
+    assert unsent.refusal("ipv4:10.0.0.1:5001") is None  # another connection of the same host
+    unsent.delivered("ipv4:10.0.0.1:5000", 60)
+    assert unsent.refusal("ipv4:10.0.0.1:5000") is None and unsent.held("ipv4:10.0.0.1:5000") == 60
+    unsent.delivered("ipv4:10.0.0.1:5000", 60)
+    assert not unsent.holding
