@@ -88,14 +88,19 @@ class _DecodeProcess:
     def kill(self) -> None:
         """Kill the process now (SIGKILL), if it runs; a call waiting on it ends with DecodeProcessDied."""
         with self._lock:
+            if self.killed:  # and perhaps reaped already: its process object closed
+                return
             self.killed = True
             if self._process is not None and self._process.is_alive():
                 self._process.kill()
 
     def reap(self) -> None:
-        """Collect the killed process's exit status and close the pipe (blocking: run on a thread)."""
-        if self._process is not None:
-            self._process.join(_KILL_WAIT_S)
+        """Collect the killed process's exit status and close its pipe and sentinel (blocking: run on a thread)."""
+        process = self._process
+        if process is not None:
+            process.join(_KILL_WAIT_S)
+            if process.exitcode is not None:
+                process.close()
         if self._connection is not None:
             self._connection.close()
 
@@ -165,10 +170,14 @@ class DecodePool:
             self._free.append(self._new_process())
 
     def close(self) -> None:
-        """Kill every decode process now and run no more jobs; jobs in progress end with PoolClosed."""
+        """Kill every decode process now and run no more jobs; jobs in progress end with PoolClosed.  The killed
+        processes are reaped on the pool's threads, not on the caller's."""
+        if self._closed:
+            return
         self._closed = True
         for process in [*self._free, *self._busy]:
             process.kill()
+            self._threads.submit(process.reap)  # queued work still runs after shutdown(wait=False)
         self._free.clear()
         self._threads.shutdown(wait=False)
 

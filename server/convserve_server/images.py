@@ -44,6 +44,7 @@ class Preprocessed(Protocol):
 
 
 Served = TypeVar("Served", bound=Preprocessed)
+Result = TypeVar("Result")
 MAX_DECODES = 3
 """Most times one request's images are decoded, when hot swaps change the model's preprocessing meanwhile."""
 
@@ -138,14 +139,24 @@ class ImageDecoder:
         if self._closed:
             raise ModelNotReady("server is shutting down; not decoding images")
         if not self._plugins_loaded:  # importing Pillow's plugins would stall the event loop
-            await asyncio.get_running_loop().run_in_executor(self._threads, load_plugins)
+            await self._on_a_thread(load_plugins)
             self._plugins_loaded = True
         check_formats(encoded)
         if takes_fast_path(encoded):
             job = DecodeJob(list(encoded), spec, ("PNG",), self._max_pixels, self._max_request_pixels)
-            return await asyncio.get_running_loop().run_in_executor(self._threads, decode_request, job)
+            return await self._on_a_thread(decode_request, job)
         job = DecodeJob(list(encoded), spec, ACCEPTED_FORMATS, self._max_pixels, self._max_request_pixels)
         return await self._in_a_process(job, math.inf if deadline is None else deadline)
+
+    def _on_a_thread(self, function: Callable[..., Result], *args: object) -> asyncio.Future[Result]:
+        """``function(*args)`` on a decode thread; ModelNotReady once :meth:`close` shut the threads down (a
+        call that was awaiting something else meanwhile gets there)."""
+        try:
+            return asyncio.get_running_loop().run_in_executor(self._threads, function, *args)
+        except RuntimeError:  # "cannot schedule new futures after shutdown"
+            if not self._closed:
+                raise
+            raise ModelNotReady("server is shutting down; not decoding images") from None
 
     async def _in_a_process(self, job: DecodeJob, deadline: float) -> np.ndarray:
         if time.monotonic() >= deadline:
