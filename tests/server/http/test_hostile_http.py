@@ -8,6 +8,7 @@ import gzip
 import http.client
 import select
 import socket
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import orjson
 import pytest
 
 from tests.models import write_version
+from tests.server.test_decode_limits import many_scan_jpeg
 from tests.server.http.serving import Answer, ServerThread, running_server
 
 TOKEN = "s3cret-token"
@@ -26,6 +28,7 @@ MAX_BODY = 64 * 1024
 MAX_INFLATED = 256 * 1024
 HEADER_TIMEOUT_S = 1.0
 RECEIVE_TIMEOUT_S = 1.0
+HOLD_S = 2.0
 KEEPALIVE_TIMEOUT_S = 1.0
 MAX_CONNECTIONS = 6
 ALLOWED_ORIGIN = "https://app.example"
@@ -188,41 +191,43 @@ def test_a_body_no_endpoint_reads_does_not_keep_the_connection_open(served, requ
     assert_answered(served)
 
 
-def test_connections_beyond_the_cap_get_503_while_open_ones_are_answered(served):
-    kept = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
-    kept.request("GET", "/v2/health/live")
-    assert Answer(kept.getresponse()).status == 200
-    with ExitStack() as stack:
-        for _ in range(MAX_CONNECTIONS):
-            stack.enter_context(raw_connection(served))
-        # The server accepts connections in the order they came, so this one is made after all of those.
-        refused = served.request("GET", "/v2/health/live")
-        assert refused.status == 503 and "too many connections" in refused.json()["error"]
-        kept.request("POST", "/v2/models/tiny/infer", REQUEST, {**AUTH, "Content-Type": "application/json"})
-        assert Answer(kept.getresponse()).status == 200  # a connection within the cap is still answered
-    kept.close()
+def test_connections_beyond_the_cap_get_503_while_open_ones_are_answered(tmp_path):
+    write_version(tmp_path / "models", "tiny", 1)
+    # The idle connections must outlast the filling of the cap, however loaded the machine: a long header timeout.
+    with running_server(tmp_path / "models", http_max_connections=MAX_CONNECTIONS, http_header_timeout_s=60) as served:
+        kept = http.client.HTTPConnection("127.0.0.1", served.port, timeout=10)
+        kept.request("GET", "/v2/health/live")
+        assert Answer(kept.getresponse()).status == 200
+        with ExitStack() as stack:
+            for _ in range(MAX_CONNECTIONS):
+                stack.enter_context(raw_connection(served))
+            # The server accepts connections in the order they came, so this one is made after all of those.
+            refused = served.request("GET", "/v2/health/live")
+            assert refused.status == 503 and "too many connections" in refused.json()["error"]
+            kept.request("POST", "/v2/models/tiny/infer", REQUEST, {"Content-Type": "application/json"})
+            assert Answer(kept.getresponse()).status == 200  # a connection within the cap is still answered
+        kept.close()
 
 
-def test_calls_beyond_max_concurrent_rpcs_are_429(served):
-    admission = served.server.http.app.admission
-
-    async def fill() -> int:
-        taken = 0
-        while admission.try_enter():
-            taken += 1
-        return taken
-
-    async def empty(taken: int) -> None:
-        for _ in range(taken):
-            admission.leave()
-
-    taken = served.call(fill())
-    try:
+def test_calls_beyond_max_concurrent_rpcs_are_429(tmp_path):
+    """One slot, held by a real call: a classify of a JPEG that decodes for half a minute, stopped at the
+    decode timeout."""
+    write_version(tmp_path / "models", "tiny", 1)
+    hostile = many_scan_jpeg(4000, 3000)
+    with running_server(tmp_path / "models", max_concurrent_rpcs=1, decode_timeout_s=HOLD_S) as served:
+        held: list[Answer] = []
+        holder = threading.Thread(target=lambda: held.append(served.request(
+            "POST", "/v2/models/tiny/classify", hostile, {"Content-Type": "image/jpeg"}, timeout=30)))
+        holder.start()
+        deadline = time.monotonic() + 10
+        while not served.server.decoder.decode_process_ids():  # the classify decodes, in its slot
+            assert time.monotonic() < deadline, "the classify never started decoding"
+            time.sleep(0.01)
         busy = infer(served)
-        assert busy.status == 429 and "server busy" in busy.json()["error"]
-    finally:
-        served.call(empty(taken))
-    assert_answered(served)
+        assert busy.status == 429 and "server busy: 1 calls in progress" in busy.json()["error"]
+        holder.join(30)
+        assert held[0].status == 400 and "--decode-timeout-s" in held[0].json()["error"]
+        assert_answered(served)
 
 
 def test_cors_is_for_the_allowed_origins_only(served):
