@@ -122,6 +122,9 @@ def _configure_logging(config: ServerConfig) -> None:
     # INVALID_ARGUMENT with the reason; in the server's log these lines would only let anyone fill it.
     logging.getLogger("PIL").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", module=r"PIL\.")
+    # uvicorn warns about each malformed HTTP request it answers 400 itself: likewise. Its errors (an exception
+    # in the application) still show.
+    logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
 
 
 def _run_worker(config: ServerConfig) -> int:

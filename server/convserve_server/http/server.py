@@ -144,9 +144,6 @@ class HttpFrontEnd:
     def __init__(self, config: ServerConfig, core: InferenceCore, metrics: ServerMetrics | None,
                  decoder: ImageDecoder, admission: ConcurrencyLimit) -> None:
         self.app = RestApp(config, core, metrics, decoder, admission)
-        # uvicorn warns about each malformed request it answers 400 itself: a hostile caller could fill the log.
-        # Its errors (an exception in the application) still show.
-        logging.getLogger("uvicorn.error").setLevel(logging.ERROR)
         self._socket = _bind(config.http_host, config.http_port, shared=config.workers > 1)
         self.port: int = self._socket.getsockname()[1]
         self._server = uvicorn.Server(uvicorn.Config(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import logging
 import shutil
 import threading
 import time
@@ -286,6 +287,18 @@ async def _close(gate) -> None:
 
 async def _release(gate) -> None:
     gate.release()
+
+
+def test_starting_the_http_front_end_leaves_the_logging_setup_alone(repository):
+    """The server's own logging setup (cli.py) quiets uvicorn's warnings; the library changes no global logger."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    level = uvicorn_log.level
+    uvicorn_log.setLevel(logging.DEBUG)
+    try:
+        with running_server(repository):
+            assert uvicorn_log.level == logging.DEBUG
+    finally:
+        uvicorn_log.setLevel(level)
 
 
 def test_a_keep_alive_connection_is_not_held_up_by_nagles_algorithm(served):
