@@ -299,9 +299,12 @@ def _model_file(repository: dict[str, list[VersionPath]], model: ServedModel) ->
 def _row(step: Step, name: str, measured: Measured) -> dict[str, Any]:
     """One server's figures in one step, with each round's."""
     row = {"target": name, **summarize(step, measured.total)}
-    row["rounds"] = [{**_round_summary(step, part), "server_cpu_us_per_request": _cpu_us_per_request(cpu, part.answered)}
-                     for part, cpu in zip(measured.rounds, measured.round_cpu_seconds)]
+    row["rounds"] = [{**_round_summary(step, part), "server_cpu_us_per_request": _cpu_us_per_request(cpu, part.answered),
+                      "client_cpu_us_per_request": _cpu_us_per_request(client_cpu, part.answered)}
+                     for part, cpu, client_cpu in zip(measured.rounds, measured.round_cpu_seconds,
+                                                      measured.round_client_cpu_seconds)]
     row["server_cpu_us_per_request"] = _cpu_us_per_request(measured.cpu_seconds, row["requests"])
+    row["client_cpu_us_per_request"] = _cpu_us_per_request(measured.client_cpu_seconds, row["requests"])
     if measured.model_calls:
         row["mean_batch_size"] = measured.batched_images / measured.model_calls
     row["host_steal_percent"] = measured.steal_percent
@@ -309,7 +312,7 @@ def _row(step: Step, name: str, measured: Measured) -> dict[str, Any]:
 
 
 def _cpu_us_per_request(cpu_seconds: float, requests: int) -> float | None:
-    """The server's CPU per answered request, in µs (None where nothing was measured)."""
+    """CPU (the server's or the load generator's) per answered request, in µs (None where nothing was measured)."""
     return 1e6 * cpu_seconds / requests if requests and cpu_seconds > 0 else None
 
 
@@ -375,7 +378,8 @@ def _print_rows(rows: dict[str, dict[str, Any]]) -> None:
         cpu = row["server_cpu_us_per_request"]
         print(f"{name:>21} c={row['concurrency']:<3} b={row['images_per_request']:<3} {row['requests_per_s']:9.0f} req/s "
               f"{row['images_per_s']:9.0f} img/s  p50 {row['p50_ms']:6.2f}  p99 {row['p99_ms']:6.2f} ms  "
-              f"server CPU {cpu or float('nan'):7.0f} us/req  errors {row['errors'] or 0}", flush=True)
+              f"server CPU {cpu or float('nan'):7.0f} us/req  client CPU {row['client_cpu_us_per_request'] or float('nan'):6.0f} "
+              f"us/req  errors {row['errors'] or 0}", flush=True)
 
 
 def memory_growth(address: str, protocol: str, model: ServedModel, pids: list[int], concurrency: int,

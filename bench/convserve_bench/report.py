@@ -1,9 +1,9 @@
 """What ``convserve-bench`` writes besides its JSON: a Markdown report and a PNG plot.
 
-The Markdown report holds the results table with each step's composite ceiling, the
-model's in-process timing, every step's ratios with their lowest and highest round,
-the targets marked met or missed, and the plot again as Mermaid charts, which GitHub
-draws from text.
+The Markdown report holds the results table (with the server's and the load generator's CPU
+per request) with each step's composite ceiling, the model's in-process timing, every step's
+ratios with their lowest and highest round, the targets marked met or missed, and the plot
+again as Mermaid charts, which GitHub draws from text.
 """
 
 from __future__ import annotations
@@ -118,21 +118,22 @@ def _step_order(row: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def _results_table(report: dict[str, Any]) -> str:
-    header = ("| step | server | requests/s | images/s | p50 / p90 / p99 ms | server CPU µs/request | mean batch "
-              "| host CPU steal % | errors |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| step | server | requests/s | images/s | p50 / p90 / p99 ms | server CPU µs/request "
+              "| load generator CPU µs/request | mean batch | host CPU steal % | errors |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
     composite = [{"target": COMPOSITE, **entry} for entry in report.get("composite", [])]
     for row in sorted(report["steps"] + composite, key=_step_order):
         step = f"{row['concurrency']} × {row['images_per_request']}"
         if row["target"] == COMPOSITE:
             lines.append(f"| {step} | composite ceiling (model at batch {row['batch']}) "
                          f"| {_number(row['requests_per_s'])} | {_number(row['images_per_s'])} "
-                         f"| {row['p50_ms']:.2f} / – / – | – | – | – | – |")
+                         f"| {row['p50_ms']:.2f} / – / – | – | – | – | – | – |")
             continue
         latency = f"{row['p50_ms']:.2f} / {row['p90_ms']:.2f} / {row['p99_ms']:.2f}"
         errors = ", ".join(f"{code} {count}" for code, count in row["errors"].items()) or "none"
         lines.append(f"| {step} | {row['target']} | {_number(row['requests_per_s'])} | {_number(row['images_per_s'])} "
                      f"| {latency} | {_number(row.get('server_cpu_us_per_request'))} "
+                     f"| {_number(row.get('client_cpu_us_per_request'))} "
                      f"| {_number(row.get('mean_batch_size'), 1)} | {_number(row.get('host_steal_percent'))} | {errors} |")
     return "\n".join(lines)
 

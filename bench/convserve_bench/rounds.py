@@ -7,6 +7,7 @@ of the rounds' figures shows how noisy it was.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -39,6 +40,9 @@ class Measured:
     rounds: list[StepResult] = field(default_factory=list)
     cpu_seconds: float = 0.0
     round_cpu_seconds: list[float] = field(default_factory=list)
+    client_cpu_seconds: float = 0.0
+    """The load generator's CPU (this process's), 0 where it ran in processes of its own."""
+    round_client_cpu_seconds: list[float] = field(default_factory=list)
     batched_images: float = 0.0
     model_calls: float = 0.0
     stolen_ticks: int = 0
@@ -71,8 +75,14 @@ def measure_step(targets: list[LoadTarget], model: ServedModel, step: Step, roun
 def _measure_round(target: LoadTarget, model: ServedModel, part: Step, processes: int, into: Measured) -> None:
     before = batch_totals(target.metrics_ports)
     cpu_at_start: list[float] = []
-    # The server's CPU counts from the end of the warm-up, when the measured requests start.
-    timer = threading.Timer(part.warmup_s, lambda: cpu_at_start.append(cpu_seconds(target.pids)))
+    client_cpu_at_start: list[float] = []
+
+    def note_cpu() -> None:
+        cpu_at_start.append(cpu_seconds(target.pids))
+        client_cpu_at_start.append(_own_cpu_seconds())
+
+    # The server's and the load generator's CPU count from the end of the warm-up, when the measured requests start.
+    timer = threading.Timer(part.warmup_s, note_cpu)
     stolen, ticks = host_cpu_ticks()
     timer.start()
     result = run_step(target.address, target.protocol, model, part, processes)
@@ -83,11 +93,21 @@ def _measure_round(target: LoadTarget, model: ServedModel, part: Step, processes
     used = cpu_seconds(target.pids) - cpu_at_start[0]
     into.cpu_seconds += used
     into.round_cpu_seconds.append(used)
+    # With several load-generator processes their CPU is theirs, not this process's: not measured.
+    client_used = _own_cpu_seconds() - client_cpu_at_start[0] if processes <= 1 else 0.0
+    into.client_cpu_seconds += client_used
+    into.round_client_cpu_seconds.append(client_used)
     after = batch_totals(target.metrics_ports)
     into.batched_images += after[0] - before[0]
     into.model_calls += after[1] - before[1]
     into.rounds.append(result)
     into.total.append(result)
+
+
+def _own_cpu_seconds() -> float:
+    """User plus system CPU time so far of this process, all its threads (gRPC's own included)."""
+    times = os.times()
+    return times.user + times.system
 
 
 def batch_totals(metrics_ports: list[int]) -> tuple[float, float]:

@@ -74,6 +74,7 @@ def test_bench_reports_three_servers_http_the_composite_ceiling_ratios_memory_a_
     for row in report["steps"]:
         assert row["errors"] == {} and row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
         assert 0 < row["server_cpu_us_per_request"] < 1e6  # all three servers were started by the tool
+        assert 0 < row["client_cpu_us_per_request"] < 1e6  # the load generator runs in the tool's process
         assert 0 <= row["host_steal_percent"] <= 100  # this is Linux: /proc/stat is there to read
         assert len(row["rounds"]) == 2
         for part in row["rounds"]:  # however busy the machine, no round measures nothing

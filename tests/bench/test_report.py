@@ -71,7 +71,7 @@ def _report() -> dict:
         _row("do-nothing", 1, 1, 2000.0, 0.7, server_cpu_us_per_request=300.0),
         _row("naive", 1, 1, 1600.0, 0.9, server_cpu_us_per_request=350.0),
         _row("convserve", 32, 1, 4000.0, 12.0, mean_batch_size=6.0, server_cpu_us_per_request=300.0,
-             host_steal_percent=12.4),
+             client_cpu_us_per_request=150.0, host_steal_percent=12.4),
         _row("do-nothing", 32, 1, 5000.0, 10.0, server_cpu_us_per_request=200.0),
         _row("naive", 32, 1, 3000.0, 20.0, server_cpu_us_per_request=250.0),
         _row("convserve", 8, 64, 400.0, 30.0, mean_batch_size=64.0),
@@ -148,13 +148,13 @@ def test_report_shows_how_far_each_ratios_rounds_spread():
 
 def test_report_tables_every_row_with_the_ceiling_and_charts_only_sizes_with_several_concurrency_levels():
     text = markdown(_report())
-    assert "| 32 × 1 | convserve | 4,000 | 4,000 | 6.00 / 9.60 / 12.00 | 300 | 6.0 | 12 | none |" in text
-    assert "| 8 × 64 | do-nothing | 1,000 | 64,000 | 7.50 / 12.00 / 15.00 | – | – | – | none |" in text
-    assert "| 1 × 1 | composite ceiling (model at batch 1) | 1,800 | 1,800 | 0.40 / – / – | – | – | – | – |" in text
+    assert "| 32 × 1 | convserve | 4,000 | 4,000 | 6.00 / 9.60 / 12.00 | 300 | 150 | 6.0 | 12 | none |" in text
+    assert "| 8 × 64 | do-nothing | 1,000 | 64,000 | 7.50 / 12.00 / 15.00 | – | – | – | – | none |" in text
+    assert "| 1 × 1 | composite ceiling (model at batch 1) | 1,800 | 1,800 | 0.40 / – / – | – | – | – | – | – |" in text
     rows = [line for line in text.splitlines() if line.startswith("| 1 × 1 | ") and "none |" in line]
     assert [line.split(" | ")[1] for line in rows] == ["convserve", "convserve HTTP binary", "convserve HTTP JSON",
                                                        "naive", "do-nothing"]
-    assert "| 1 × 1 | convserve HTTP JSON | 1,100 | 1,100 | 0.80 / 1.28 / 1.60 | 500 | 1.0 | – | none |" in text
+    assert "| 1 × 1 | convserve HTTP JSON | 1,100 | 1,100 | 0.80 / 1.28 / 1.60 | 500 | – | 1.0 | – | none |" in text
     assert "8 × 64 at batch 64: 6.000 ms median (93.8 µs per image), 6.400 ms mean" in text
     machine = describe_machine()
     assert machine["vector_instructions"] in {"AVX-512", "AVX2", "no AVX2", "unknown"}
