@@ -26,7 +26,7 @@ from convserve_server.http.errors import (
     FORBIDDEN, INTERNAL, METHOD_NOT_ALLOWED, NOT_FOUND, OK, REQUEST_TIMEOUT, TOO_LARGE,
     UNAUTHENTICATED, UNAVAILABLE, UNSUPPORTED_MEDIA, BAD_REQUEST, HttpError, Status, message_for, status_for,
 )
-from convserve_server.http.messages import Call, Reply, json_reply
+from convserve_server.http.messages import Call, Reply, json_reply, off_loop_if_large
 from convserve_server.http.oip import OipEndpoints
 from convserve_server.http.pages import Pages
 from convserve_server.http.tensors import whole_number
@@ -42,8 +42,6 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 OVER_CAPACITY = "convserve.over_capacity"
 """Scope key the protocol sets on the requests of a connection beyond ``http_max_connections``."""
-DECOMPRESS_OFF_LOOP_BYTES = 256 * 1024
-"""A compressed body this large is inflated on a worker thread, so that the loop keeps serving meanwhile."""
 EXPOSED_HEADERS = b"inference-header-content-length"
 CORS_MAX_AGE_S = b"600"
 NAME = r"(?P<name>[^/]+)"
@@ -207,9 +205,7 @@ class RestApp:
             raise HttpError(UNSUPPORTED_MEDIA, f"Content-Encoding {encoding!r:.64} is not supported; send gzip, "
                             "deflate or identity")
         wbits = 16 + zlib.MAX_WBITS if "gzip" in encoding else zlib.MAX_WBITS
-        if len(body) >= DECOMPRESS_OFF_LOOP_BYTES:
-            return await asyncio.to_thread(self._decompress, body, wbits, encoding)
-        return self._decompress(body, wbits, encoding)
+        return await off_loop_if_large(len(body), self._decompress, body, wbits, encoding)
 
     def _decompress(self, body: bytes, wbits: int, encoding: str) -> bytes:
         inflater = zlib.decompressobj(wbits)

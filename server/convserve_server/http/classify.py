@@ -17,7 +17,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from convserve_server.core import InferenceCore
 from convserve_server.errors import InvalidInput, quoted
 from convserve_server.http.errors import UNSUPPORTED_MEDIA, HttpError
-from convserve_server.http.messages import Call, Reply, json_reply
+from convserve_server.http.messages import Call, Reply, json_reply, off_loop_if_large
 from convserve_server.http.oip import verification_parameters
 from convserve_server.http.tensors import MAX_COUNT_DIGITS, whole_number
 from convserve_server.images import ImageDecoder
@@ -124,7 +124,7 @@ class ClassifyEndpoint:
         """Per image: the top label and score, the top k, and the file name; with the model that answered."""
         name, version = call.params["name"], call.params.get("version", "")
         served = self.core.resolve(name, version)
-        encoded, filenames, fields = images_of(call)
+        encoded, filenames, fields = await off_loop_if_large(len(call.body), images_of, call)
         top_k = _top_k(call, fields, served.model.num_classes)
         served, images = await self.decoder.preprocess_for_current(lambda: self.core.resolve(name, version), encoded)
         result = await self.core.classify(served, images, top_k, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
@@ -14,7 +15,7 @@ from convserve_server.core import InferenceCore, ServedVersion
 from convserve_server.errors import InvalidInput
 from convserve_server.http import tensors
 from convserve_server.http.errors import UNAVAILABLE
-from convserve_server.http.messages import Call, Reply, json_reply
+from convserve_server.http.messages import Call, Reply, json_reply, off_loop_if_large
 from convserve_server.servicers.inference import (
     FP32, PLATFORM, SERVER_NAME, _check_repository_request, _index_entry, _model_config, _model_statistics,
     _server_version,
@@ -76,6 +77,14 @@ def _optional_object(body: bytes, what: str) -> dict[str, Any]:
     return value
 
 
+def _parse_infer(call: Call, served: ServedVersion) -> tuple[np.ndarray, tensors.OutputForm, Any]:
+    """The request's input batch, how it wants its output, and its id.  The parsed JSON is dropped on return:
+    its numbers take 32 bytes each, and only the float32 array waits for the batcher."""
+    header, binary = tensors.split_body(call.body, call.headers.get(tensors.HEADER_LENGTH))
+    request = tensors.request_object(header)
+    return tensors.decode_input(request, binary, served), tensors.output_form(request, served), request.get("id")
+
+
 class OipEndpoints:
     """Each method answers one endpoint; path parameters are ``name`` and ``version``."""
 
@@ -126,12 +135,7 @@ class OipEndpoints:
     async def infer(self, call: Call) -> Reply:
         """Inference through the model's batcher, which HTTP and gRPC requests share."""
         served = self.core.resolve(call.params["name"], call.params.get("version", ""))
-        header, binary = tensors.split_body(call.body, call.headers.get(tensors.HEADER_LENGTH))
-        request = tensors.request_object(header)
-        images = tensors.decode_input(request, binary, served)
-        form = tensors.output_form(request, served)
-        request_id = request.get("id")
-        del request  # its JSON numbers take 32 bytes each: only the float32 array waits for the batcher
+        images, form, request_id = await off_loop_if_large(len(call.body), _parse_infer, call, served)
         probabilities = await self.core.infer(served, images, None)
         body, headers = tensors.encode_response(served, request_id, probabilities, form)
         return Reply(body, headers=headers)

@@ -3,7 +3,10 @@ limits of gRPC's encoded_images, answered with the label, score and top k of eac
 
 from __future__ import annotations
 
+import asyncio
 import io
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +17,8 @@ import pytest
 
 from convserve_protocol.protos import classifier_pb2 as cpb
 from convserve_protocol.protos import classifier_pb2_grpc as cpb_grpc
+from convserve_server.http.classify import images_of
+from convserve_server.http.messages import Call
 from tests.images import bomb_png, encode
 from tests.models import write_version
 from tests.server.http.serving import ServerThread, running_server
@@ -117,6 +122,38 @@ def test_the_limits_of_encoded_images_apply(served):
     assert bomb.status == 400 and "--max-image-pixels" in bomb.json()["error"]
     assert served.request("POST", "/v2/models/digits/classify", pictures()[0],
                           {"Content-Type": "image/png"}).status == 200  # and the server still answers
+
+
+def test_a_large_form_is_parsed_off_the_event_loop(repository):
+    """A 60 MiB form of 1,000 files whose bytes keep python-multipart's boundary search busy (about half a second
+    of parsing here): meanwhile the server's loop keeps turning, as a health check needs it to."""
+    noise = b"a\r\n-" * (60 * 1024 // 4)
+    body, headers = form([("image", f"{index}.png", noise, "image/png") for index in range(1000)],
+                         fields={"top_k": "bad"})  # refused once parsed, so that the parse is all the call does
+    started = time.monotonic()
+    images_of(Call({}, {}, {"content-type": headers["Content-Type"]}, body))
+    parse_s = time.monotonic() - started
+    with running_server(repository, http_max_body_bytes=2 * len(body)) as server:
+        stop = threading.Event()
+        gaps = asyncio.run_coroutine_threadsafe(loop_gaps(stop), server.loop)
+        try:
+            answer = server.request("POST", "/v2/models/digits/classify", body, headers, timeout=60)
+        finally:
+            stop.set()
+        assert answer.status == 400 and "top_k" in answer.json()["error"]
+        longest = max(gaps.result(10))
+    assert longest < parse_s / 2, f"the loop stood still for {longest:.3f} s of a {parse_s:.3f} s parse"
+
+
+async def loop_gaps(stop: threading.Event) -> list[float]:
+    """The times between turns of the running loop, asking for one every millisecond, until ``stop`` is set."""
+    gaps, last = [], time.monotonic()
+    while not stop.is_set():
+        await asyncio.sleep(0.001)
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+    return gaps
 
 
 def test_an_unknown_model_is_404(served):

@@ -22,6 +22,7 @@ from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
 from convserve_server import errors
 from convserve_server.config import ServerConfig
 from convserve_server.http.errors import INTERNAL, status_for
+from convserve_server.http.messages import OFF_LOOP_BYTES
 from convserve_server.servicers.status import status_code_for
 from tests.models import TINY_LABELS, write_version
 from tests.server.http.serving import ServerThread, running_server
@@ -109,6 +110,18 @@ def test_json_tensors_flat_and_nested_give_the_models_output(served, repository)
         [output] = body["outputs"]
         assert (output["name"], output["datatype"], output["shape"]) == ("probabilities", "FP32", [2, 4])
         np.testing.assert_allclose(np.array(output["data"]).reshape(2, 4), expected, rtol=1e-5)
+
+
+def test_a_large_json_body_parsed_on_a_thread_gives_the_same_answers_and_errors(served, repository):
+    batch = np.random.default_rng(8).random((64, 8, 8, 3), dtype=np.float32)
+    body = orjson.dumps(json_request(batch, nested=True), option=orjson.OPT_INDENT_2)
+    assert len(body) >= OFF_LOOP_BYTES
+    answer = served.request("POST", "/v2/models/tiny/infer", body, {"Content-Type": "application/json"})
+    assert answer.status == 200, answer.body
+    np.testing.assert_allclose(np.array(answer.json()["outputs"][0]["data"]).reshape(64, 4),
+                               reference(repository / "tiny" / "2" / "model.onnx", batch), rtol=1e-5)
+    broken = served.request("POST", "/v2/models/tiny/infer", body[:-2], {"Content-Type": "application/json"})
+    assert broken.status == 400 and "not valid JSON" in broken.json()["error"]
 
 
 def test_a_version_in_the_path_is_the_version_that_answers(served, repository):
