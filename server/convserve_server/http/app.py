@@ -23,7 +23,7 @@ from convserve_server.core import InferenceCore
 from convserve_server.errors import Overloaded
 from convserve_server.http.classify import ClassifyEndpoint
 from convserve_server.http.errors import (
-    FORBIDDEN, INTERNAL, METHOD_NOT_ALLOWED, NOT_FOUND, OK, REQUEST_TIMEOUT, TOO_LARGE,
+    CLIENT_CLOSED, FORBIDDEN, INTERNAL, METHOD_NOT_ALLOWED, NOT_FOUND, OK, REQUEST_TIMEOUT, TOO_LARGE,
     UNAUTHENTICATED, UNAVAILABLE, UNSUPPORTED_MEDIA, BAD_REQUEST, HttpError, Status, message_for, status_for,
 )
 from convserve_server.http.messages import Call, Reply, json_reply, off_loop_if_large
@@ -141,7 +141,9 @@ class RestApp:
                 body = await self._read_body(headers, receive)
                 closing = False
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
-            reply = await self._run(route, Call(params, query, headers, body))
+            work = self._run(route, Call(params, query, headers, body))
+            # Once its body is read, a model call is cancelled if its caller goes away (as gRPC cancels a call).
+            reply = await (_unless_disconnected(work, receive) if route.reads_body else work)
         except Exception as exc:
             reply = self._error_reply(exc, route)
             # A body left unsent (or inflated in part) must not be read as the next request, nor keep uploading.
@@ -277,6 +279,38 @@ class RestApp:
             response_headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": reply.status.http, "headers": response_headers})
         await send({"type": "http.response.body", "body": reply.body})
+
+
+async def _unless_disconnected(work: Awaitable[Reply], receive: Receive) -> Reply:
+    """``work``'s reply; if the caller disconnects first, ``work`` is cancelled (a decode stops, a queued request
+    leaves the batcher) and the caller, gone, is counted as CANCELLED.  One watcher task, which cancels this
+    one: cheaper than running ``work`` as a task of its own beside it."""
+    task = asyncio.current_task()
+    assert task is not None
+    caller = _Caller()
+    watcher = asyncio.get_running_loop().create_task(caller.cancel_when_gone(receive, task))
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if not caller.gone:
+            raise
+        task.uncancel()
+        return json_reply({"error": "the caller went away; the call was cancelled"}, CLIENT_CLOSED)
+    finally:
+        watcher.cancel()
+
+
+class _Caller:
+    """Whether the caller of a call in progress went away."""
+
+    gone = False
+
+    async def cancel_when_gone(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` when the caller disconnects (once the body is read, ``receive`` has nothing else)."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        task.cancel()
 
 
 def declares_body(headers: dict[str, str]) -> bool:

@@ -8,6 +8,7 @@ They are decoded and preprocessed on the server by the contract's code, under th
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +95,19 @@ def _top_k(call: Call, fields: dict[str, str], classes: int) -> int:
     return top_k
 
 
+def _deadline(call: Call, fields: dict[str, str], received: float) -> float | None:
+    """The deadline ``timeout`` (microseconds from ``received``, as Triton's infer parameter; a form field or in
+    the query) sets; None without one or for 0."""
+    text = fields.get("timeout", call.query.get("timeout"))
+    if text is None:
+        return None
+    timeout = whole_number(text)
+    if timeout is None:
+        raise InvalidInput(f"timeout must be a whole number of microseconds, of at most {MAX_COUNT_DIGITS} ASCII "
+                           f"digits, got {quoted(text)}")
+    return None if timeout == 0 else received + timeout / 1e6
+
+
 def images_of(call: Call) -> tuple[list[bytes], list[str | None], dict[str, str]]:
     """The request's encoded images, their file names (None where none was given) and its plain form fields."""
     kind, options = parse_options_header(call.headers.get("content-type", ""))
@@ -122,12 +136,15 @@ class ClassifyEndpoint:
 
     async def classify(self, call: Call) -> Reply:
         """Per image: the top label and score, the top k, and the file name; with the model that answered."""
+        received = time.monotonic()
         name, version = call.params["name"], call.params.get("version", "")
         served = self.core.resolve(name, version)
         encoded, filenames, fields = await off_loop_if_large(len(call.body), images_of, call)
         top_k = _top_k(call, fields, served.model.num_classes)
-        served, images = await self.decoder.preprocess_for_current(lambda: self.core.resolve(name, version), encoded)
-        result = await self.core.classify(served, images, top_k, None)
+        deadline = _deadline(call, fields, received)
+        served, images = await self.decoder.preprocess_for_current(lambda: self.core.resolve(name, version), encoded,
+                                                                   deadline)
+        result = await self.core.classify(served, images, top_k, deadline)
         labels = served.model.card.labels
         answers: list[dict[str, Any]] = []
         for filename, indices, scores in zip(filenames, result.top_indices.tolist(), result.top_scores.tolist()):

@@ -30,6 +30,8 @@ METHOD_NOT_ALLOWED = Status(405, "UNIMPLEMENTED")
 REQUEST_TIMEOUT = Status(408, "DEADLINE_EXCEEDED")
 TOO_LARGE = Status(413, "RESOURCE_EXHAUSTED")
 UNSUPPORTED_MEDIA = Status(415, "INVALID_ARGUMENT")
+CLIENT_CLOSED = Status(499, "CANCELLED")
+"""The caller disconnected before its answer (nginx's 499): counted, never sent."""
 INTERNAL = Status(500, "INTERNAL")
 UNAVAILABLE = Status(503, "UNAVAILABLE")
 

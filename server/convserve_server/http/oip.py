@@ -4,6 +4,7 @@ configuration, statistics, model repository), over the same core calls as the gR
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -77,12 +78,14 @@ def _optional_object(body: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def _parse_infer(call: Call, served: ServedVersion) -> tuple[np.ndarray, tensors.OutputForm, Any]:
-    """The request's input batch, how it wants its output, and its id.  The parsed JSON is dropped on return:
-    its numbers take 32 bytes each, and only the float32 array waits for the batcher."""
+def _parse_infer(call: Call, served: ServedVersion,
+                 received: float) -> tuple[np.ndarray, tensors.OutputForm, Any, float | None]:
+    """The request's input batch, how it wants its output, its id and its deadline.  The parsed JSON is dropped
+    on return: its numbers take 32 bytes each, and only the float32 array waits for the batcher."""
     header, binary = tensors.split_body(call.body, call.headers.get(tensors.HEADER_LENGTH))
     request = tensors.request_object(header)
-    return tensors.decode_input(request, binary, served), tensors.output_form(request, served), request.get("id")
+    return (tensors.decode_input(request, binary, served), tensors.output_form(request, served), request.get("id"),
+            tensors.deadline_of(request, received))
 
 
 class OipEndpoints:
@@ -134,9 +137,11 @@ class OipEndpoints:
 
     async def infer(self, call: Call) -> Reply:
         """Inference through the model's batcher, which HTTP and gRPC requests share."""
+        received = time.monotonic()
         served = self.core.resolve(call.params["name"], call.params.get("version", ""))
-        images, form, request_id = await off_loop_if_large(len(call.body), _parse_infer, call, served)
-        probabilities = await self.core.infer(served, images, None)
+        images, form, request_id, deadline = await off_loop_if_large(len(call.body), _parse_infer, call, served,
+                                                                     received)
+        probabilities = await self.core.infer(served, images, deadline)
         body, headers = tensors.encode_response(served, request_id, probabilities, form)
         return Reply(body, headers=headers)
 

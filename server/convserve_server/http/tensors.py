@@ -78,6 +78,17 @@ def request_object(header: memoryview) -> dict[str, Any]:
     return _object(parse_json(header, "the inference request"), "the inference request")
 
 
+def deadline_of(request: dict[str, Any], received: float) -> float | None:
+    """The deadline, a ``time.monotonic()`` instant, that Triton's ``timeout`` request parameter (microseconds
+    from ``received``; what tritonclient.http's ``infer(timeout=...)`` sends) sets; None without one or for 0."""
+    timeout = _parameters(request, "the request").get("timeout")
+    if timeout is None or timeout == 0:
+        return None
+    if not isinstance(timeout, int) or isinstance(timeout, bool) or timeout < 0:
+        raise InvalidInput(f"the timeout parameter must be a whole number of microseconds, got {timeout!r:.64}")
+    return received + timeout / 1e6
+
+
 def decode_input(request: dict[str, Any], binary: memoryview, served: ServedVersion) -> np.ndarray:
     """The request's one FP32 input as an (N, H, W, C) array, from JSON ``data`` or the binary section."""
     card = served.model.card

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import threading
 import time
 import uuid
@@ -22,6 +23,8 @@ from convserve_server.http.messages import Call
 from tests.images import bomb_png, encode
 from tests.models import write_version
 from tests.server.http.serving import ServerThread, running_server
+from tests.server.test_decode_limits import many_scan_jpeg
+from tests.server.test_server import metric
 
 DIGIT_LABELS = tuple("0123456789")
 
@@ -154,6 +157,38 @@ async def loop_gaps(stop: threading.Event) -> list[float]:
         gaps.append(now - last)
         last = now
     return gaps
+
+
+def test_a_timeout_bounds_the_call_as_tritons_timeout_parameter_does(served):
+    picture = pictures()[0]
+    late = served.request("POST", "/v2/models/digits/classify?timeout=1", picture, {"Content-Type": "image/png"})
+    assert late.status == 504 and "deadline" in late.json()["error"]
+    body, headers = form([("image", "a.png", picture, "image/png")], fields={"timeout": "10000000"})
+    assert served.request("POST", "/v2/models/digits/classify", body, headers).status == 200
+    bad = served.request("POST", "/v2/models/digits/classify?timeout=soon", picture, {"Content-Type": "image/png"})
+    assert bad.status == 400 and "timeout must be a whole number of microseconds" in bad.json()["error"]
+
+
+def test_a_caller_that_goes_away_stops_its_decode(repository):
+    hostile = many_scan_jpeg(4000, 3000)  # half a minute of decoding
+    cancelled = 'convserve_requests_total{code="CANCELLED",method="Classify",model="digits"}'
+    with running_server(repository, decode_timeout_s=60) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as connection:
+            connection.sendall(f"POST /v2/models/digits/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                               f"Content-Length: {len(hostile)}\r\n\r\n".encode() + hostile)
+            deadline = time.monotonic() + 10
+            while not server.server.decoder.decode_process_ids():
+                assert time.monotonic() < deadline, "the decode never started"
+                time.sleep(0.01)
+        gone_by = time.monotonic() + 5
+        while server.server.decoder.decode_process_ids():  # killed, to be replaced when next needed
+            assert time.monotonic() < gone_by, "the decode went on after its caller went away"
+            time.sleep(0.01)
+        while metric(server.server, cancelled) != 1:  # counted once the call has unwound, on the server's loop
+            assert time.monotonic() < gone_by, "the call was not counted as CANCELLED"
+            time.sleep(0.01)
+        assert server.request("POST", "/v2/models/digits/classify", pictures()[0],
+                              {"Content-Type": "image/png"}).status == 200
 
 
 def test_an_unknown_model_is_404(served):

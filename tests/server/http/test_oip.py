@@ -204,6 +204,16 @@ def test_a_header_length_that_is_no_ascii_count_is_400(served, length):
     assert "Inference-Header-Content-Length" in answer.json()["error"]
 
 
+def test_tritons_timeout_parameter_sets_the_deadline(served):
+    late = served.post_json("/v2/models/tiny/infer", json_request(BATCH, parameters={"timeout": 1}))
+    assert late.status == 504 and "deadline" in late.json()["error"]
+    in_time = served.post_json("/v2/models/tiny/infer", json_request(BATCH, parameters={"timeout": 10_000_000}))
+    assert in_time.status == 200, in_time.body
+    for timeout in (-1, "soon", True):
+        bad = served.post_json("/v2/models/tiny/infer", json_request(BATCH, parameters={"timeout": timeout}))
+        assert bad.status == 400 and "timeout parameter" in bad.json()["error"]
+
+
 def test_an_unknown_output_is_404_as_over_grpc(served):
     answer = served.post_json("/v2/models/tiny/infer", json_request(BATCH[:1], outputs=[{"name": "logits"}]))
     assert answer.status == 404 and "unknown output 'logits'" in answer.json()["error"]
