@@ -14,8 +14,8 @@ calls that send headers and never a body fill it, and every real caller is then 
   healthy without watching (gRFC A17), where any other refusal would mark a healthy replica unhealthy;
 - so are inference streams (Triton's ``ModelStreamInfer``), from their headers on: a stream may stay open and idle
   between requests, as Triton's may, so it has no receive timeout, but one that sends no request message for
-  ``stream_idle_timeout_s`` is ended (:class:`IdleStreams`; a message it left half-sent is held by gRPC until
-  then). Its requests are bounded by the servicer;
+  ``stream_idle_timeout_s`` is ended (:class:`StreamDeadlines`; a message it left half-sent is held by gRPC
+  until then). Its requests are bounded by the servicer;
 - answers handed to gRPC and not yet delivered (a caller that does not read them) are counted per connection
   (:class:`UnsentAnswers`); past a bound, or once they have made no progress for a while, new calls on that
   connection are refused at once.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ import grpc.aio
 from convserve_server.limits import ConcurrencyLimit, PeerLimit, peer_host
 from convserve_server.memory import MemoryReleaser
 
-__all__ = ["CallGuards", "ConcurrencyLimit", "IdleStreams", "PeerLimit", "UnsentAnswers", "peer_host",
+__all__ = ["CallGuards", "ConcurrencyLimit", "PeerLimit", "StreamDeadlines", "UnsentAnswers", "peer_host",
            "receive_request"]
 
 LARGE_MESSAGE_BYTES = 1 << 20
@@ -52,6 +53,8 @@ not (they cost no look-up): a connection holds at most --max-concurrent-streams 
 
 DEFAULT_MAX_UNSENT_BYTES = 64 * 1024 * 1024
 DEFAULT_WRITE_TIMEOUT_S = 30.0
+
+log = logging.getLogger(__name__)
 
 Behavior = Callable[..., Any]
 
@@ -130,13 +133,22 @@ class UnsentAnswers:
             del self._bytes[peer], self._progress[peer]
 
 
-class _StreamClock:
-    """A stream's request iterator that notes when its last request message arrived."""
+class _StreamRefused(Exception):
+    """A stream's connection holds too many unread answers: the stream is ended (RESOURCE_EXHAUSTED)."""
 
-    def __init__(self, requests: AsyncIterator[Any]) -> None:
+
+class _StreamClock:
+    """A stream's request iterator that notes when its last request arrived, and since when an answer of the
+    stream has waited to be written; it ends the stream at a request that arrives while its connection is
+    refused new calls (see :class:`UnsentAnswers`)."""
+
+    def __init__(self, requests: AsyncIterator[Any], unsent: UnsentAnswers, peer: str) -> None:
         self._requests = requests
+        self._unsent = unsent
+        self._peer = peer
         self.last_message = time.monotonic()
-        self.expired = False
+        self.writing_since: float | None = None
+        self.ending: str | None = None  # why the sweep is ending the stream
 
     def __aiter__(self) -> _StreamClock:
         return self
@@ -144,26 +156,66 @@ class _StreamClock:
     async def __anext__(self) -> Any:
         request = await self._requests.__anext__()
         self.last_message = time.monotonic()
+        if self._unsent.holding:
+            refusal = self._unsent.refusal(self._peer)
+            if refusal is not None:
+                raise _StreamRefused(refusal)
         return request
 
 
-class IdleStreams:
-    """Ends streams that have sent no request message for ``timeout_s``.
+class _CountedWriter:
+    """A stream's context whose ``write`` serializes each answer here, counts one of 16 KiB or more for the
+    connection in :class:`UnsentAnswers` until gRPC has written it, and notes since when it waits."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, serializer: Callable[[Any], bytes],
+                 unsent: UnsentAnswers, peer: str, clock: _StreamClock) -> None:
+        self._context = context
+        self._serializer = serializer
+        self._unsent = unsent
+        self._peer = peer
+        self._clock = clock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def write(self, message: Any) -> None:
+        """Write one answer (a message of the method's response type)."""
+        answer = self._serializer(message)
+        size = len(answer)
+        counted = size >= COUNTED_ANSWER_BYTES
+        if counted:
+            self._unsent.hold(self._peer, size)
+        self._clock.writing_since = time.monotonic()
+        try:
+            await self._context.write(answer)
+        except BaseException:
+            if counted:  # gRPC holds the answer until the call is finished
+                unsent, peer = self._unsent, self._peer
+                self._context.add_done_callback(lambda _context: unsent.delivered(peer, size))
+            raise  # writing_since stays set: an answer is still being written
+        self._clock.writing_since = None
+        if counted:
+            self._unsent.delivered(self._peer, size)
+
+
+class StreamDeadlines:
+    """Ends streams that have sent no request message for ``idle_timeout_s`` (0: never), or whose answer has
+    waited ``write_timeout_s`` to be written (their caller does not read).
 
     From Python a stream that idles between requests, as Triton's may, cannot be told from one that has sent
     part of a message and stalled, which gRPC buffers (up to --max-message-bytes) for as long as the stream
-    is open. One sweep per server, every ``timeout_s / 4`` at most a second apart while streams are open,
-    cancels the handlers of streams idle past it; no timer per stream or per request.
+    is open. One sweep per server, a quarter of the shorter timeout and at most a second apart while streams
+    are open, cancels the handlers of streams past a deadline; no timer per stream or per request.
     """
 
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
+    def __init__(self, idle_timeout_s: float, write_timeout_s: float = DEFAULT_WRITE_TIMEOUT_S) -> None:
+        self.idle_timeout_s = idle_timeout_s
+        self.write_timeout_s = write_timeout_s
         self._open: dict[asyncio.Task[Any], _StreamClock] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
-    def watch(self, requests: AsyncIterator[Any]) -> _StreamClock:
-        """The current task's stream, watched until :meth:`forget`: its requests, as they arrive."""
-        clock = _StreamClock(requests)
+    def watch(self, clock: _StreamClock) -> _StreamClock:
+        """Watch the current task's stream, whose requests come through ``clock``, until :meth:`forget`."""
         task = asyncio.current_task()
         assert task is not None, "a stream is handled in a task"
         self._open[task] = clock
@@ -179,14 +231,23 @@ class IdleStreams:
             self._sweeper = None
 
     async def _sweep(self) -> None:
-        interval_s = min(self.timeout_s / 4, 1.0)
+        shortest_s = min(self.idle_timeout_s or self.write_timeout_s, self.write_timeout_s)
         while True:
-            await asyncio.sleep(interval_s)
-            idle_since = time.monotonic() - self.timeout_s
+            await asyncio.sleep(min(shortest_s / 4, 1.0))
+            now = time.monotonic()
             for task, clock in list(self._open.items()):
-                if clock.last_message < idle_since and not clock.expired:
-                    clock.expired = True
-                    task.cancel()
+                if clock.ending is None:
+                    clock.ending = self._reason_to_end(clock, now)
+                    if clock.ending is not None:
+                        task.cancel()
+
+    def _reason_to_end(self, clock: _StreamClock, now: float) -> str | None:
+        if clock.writing_since is not None and now - clock.writing_since > self.write_timeout_s:
+            return f"an answer on this stream was not read for {self.write_timeout_s:g} s (the server's write timeout)"
+        if self.idle_timeout_s and now - clock.last_message > self.idle_timeout_s:
+            return (f"no request message on this stream for {self.idle_timeout_s:g} s (the server's stream idle "
+                    "timeout); open a new stream to send more")
+        return None
 
 
 @dataclass(frozen=True)
@@ -198,7 +259,7 @@ class CallGuards:
     inference_streams: PeerLimit
     releaser: MemoryReleaser | None = None
     unsent: UnsentAnswers = field(default_factory=UnsentAnswers)
-    idle_streams: IdleStreams | None = None
+    stream_deadlines: StreamDeadlines = field(default_factory=lambda: StreamDeadlines(0))
 
     def noting_large(self, deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
         """The method's deserializer, which also has the memory of a large message released soon after.
@@ -251,20 +312,22 @@ class CallGuards:
 
         return watch
 
-    def inference_stream(self, behavior: Behavior) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
-        """ModelStreamInfer: the stream runs in a slot of ``inference_streams`` for its peer, and is ended
-        (DEADLINE_EXCEEDED) once it has sent no request message for the idle timeout; memory is released soon
-        after a stream ends."""
-        streams, idle, releaser = self.inference_streams, self.idle_streams, self.releaser
+    def inference_stream(self, behavior: Behavior, serializer: Callable[[Any], bytes],
+                         ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:
+        """ModelStreamInfer: the stream runs in a slot of ``inference_streams`` for its peer, its answers are
+        serialized here (register it with no response serializer) and counted in ``unsent`` until written,
+        and it is ended by ``stream_deadlines``; memory is released soon after a stream ends."""
+        streams, deadlines, unsent, releaser = self.inference_streams, self.stream_deadlines, self.unsent, self.releaser
 
         async def bounded(requests: Any, context: grpc.aio.ServicerContext) -> None:
-            if idle is None:
-                start: Callable[[], Any] = lambda: behavior(requests, context)
-            else:
-                start = lambda: _ended_when_idle(idle, behavior, requests, context)
+            peer = context.peer()
             try:
+                if unsent.holding and (refusal := unsent.refusal(peer)) is not None:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
                 await _run_within(streams, "ModelStreamInfer streams", "retry later or send unary calls",
-                                  grpc.StatusCode.RESOURCE_EXHAUSTED, context, start)
+                                  grpc.StatusCode.RESOURCE_EXHAUSTED, context,
+                                  lambda: _watched_stream(deadlines, unsent, peer, behavior, serializer, requests,
+                                                          context))
             finally:
                 # A closed connection ends its streams as if each caller had closed its side, so this cannot
                 # tell whether gRPC held a half-sent message for the stream: release after every stream.
@@ -280,23 +343,29 @@ def _count_until_finished(unsent: UnsentAnswers, context: grpc.aio.ServicerConte
     context.add_done_callback(lambda _context: unsent.delivered(peer, size))
 
 
-async def _ended_when_idle(idle: IdleStreams, behavior: Behavior, requests: Any,
-                           context: grpc.aio.ServicerContext) -> None:
-    """Run a stream's behavior on its requests as watched by ``idle``; DEADLINE_EXCEEDED once it is idle."""
-    clock = idle.watch(requests)
+async def _watched_stream(deadlines: StreamDeadlines, unsent: UnsentAnswers, peer: str, behavior: Behavior,
+                          serializer: Callable[[Any], bytes], requests: Any, context: grpc.aio.ServicerContext) -> None:
+    """Run a stream's behavior with its requests and writes watched; end it with a status when it is ended."""
+    clock = deadlines.watch(_StreamClock(requests, unsent, peer))
+    writer = _CountedWriter(context, serializer, unsent, peer, clock)
     try:
-        await _write_all(behavior(clock, context), context)
-    except asyncio.CancelledError:
-        if not clock.expired:
+        await _write_all(behavior(clock, writer), writer)
+    except (asyncio.CancelledError, _StreamRefused) as exc:
+        if isinstance(exc, _StreamRefused):
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+        elif clock.ending is not None:
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, clock.ending
+        else:
             raise  # the caller went away, or the server is stopping
-        task = asyncio.current_task()
-        if task is not None:
-            task.uncancel()
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                            f"no request message on this stream for {idle.timeout_s:g} s (the server's stream idle "
-                            "timeout); open a new stream to send more")
+        if clock.writing_since is not None:
+            # gRPC is still writing an answer that the caller does not read, and no status can follow it: the
+            # handler ends (its waiting answers are freed), and the call with its connection.
+            log.info("ModelStreamInfer stream from %s ended without a status: %s", peer, message)
+            raise asyncio.CancelledError from None
+        await context.abort(code, message)
     finally:
-        idle.forget()
+        deadlines.forget()
 
 
 async def _run_within(streams: PeerLimit, what: str, advice: str, refusal: grpc.StatusCode,

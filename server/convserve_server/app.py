@@ -24,7 +24,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from convserve_protocol.protos import classifier_pb2, grpc_predict_v2_pb2
-from convserve_server.admission import CallGuards, IdleStreams, UnsentAnswers
+from convserve_server.admission import CallGuards, StreamDeadlines, UnsentAnswers
 from convserve_server.auth import BearerTokenInterceptor
 from convserve_server.config import ServerConfig
 from convserve_server.core import InferenceCore
@@ -101,7 +101,7 @@ def _call_guards(config: ServerConfig, releaser: MemoryReleaser) -> CallGuards:
                       PeerLimit(config.max_watch_streams, config.max_watch_streams_per_peer),
                       PeerLimit(config.max_inference_streams, config.max_inference_streams_per_peer), releaser,
                       unsent=UnsentAnswers(config.max_unsent_bytes_per_connection, config.write_timeout_s),
-                      idle_streams=IdleStreams(config.stream_idle_timeout_s) if config.stream_idle_timeout_s else None)
+                      stream_deadlines=StreamDeadlines(config.stream_idle_timeout_s, config.write_timeout_s))
 
 
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

@@ -286,3 +286,40 @@ def test_unsent_answer_bytes_are_counted_per_connection_until_delivered():
     assert unsent.refusal("ipv4:10.0.0.1:5000") is None and unsent.held("ipv4:10.0.0.1:5000") == 60
     unsent.delivered("ipv4:10.0.0.1:5000", 60)
     assert not unsent.holding
+
+
+def test_streams_whose_answers_are_not_read_are_counted_and_ended_after_the_write_timeout(wide_repository: Path):
+    with GuardedServer(wide_repository, "--write-timeout-s", "2", "--max-unsent-bytes-per-connection", str(4 * MIB),
+                       "--max-inference-streams-per-peer", "8") as server:
+        baseline = rss_after_settling(server, 1.0)
+        attacker = UnreadingHttp2(server.address)
+        started = time.monotonic()
+        one_mib_answers = framed(wide_request(262)) * 16  # 8 × 16 × 5 batches: within the queue's 1,024
+        streams = [attacker.send_call(STREAM_PATH, one_mib_answers, end=False) for _ in range(8)]
+        answered = [attacker.wait_for(stream) for stream in streams]
+        held = server.rss_mb()
+        refused = attacker.wait_for(attacker.send_call(INFER_PATH, framed(wide_request(1))))
+        with own_channel(server.address) as channel:  # another connection, once the streams' slots are free
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            attempts: list[str] = []
+            while True:
+                request = wide_request(1)
+                request.id = "honest"
+                try:
+                    answer = next(stub.ModelStreamInfer(iter([request]), metadata=AUTH, timeout=10))
+                    break
+                except grpc.RpcError as exc:
+                    attempts.append(f"{exc.code().name}: {exc.details()}")
+                    assert time.monotonic() - started < 20 and "too many" in exc.details(), attempts
+        slot_free_after = time.monotonic() - started
+        after = rss_after_settling(server)
+        attacker.close()
+    print(f"unread streams: {baseline:.0f} MB idle, {held:.0f} MB held, {after:.0f} MB after the write timeout; "
+          f"a stream slot free after {slot_free_after:.1f} s")
+    assert answered == ["answered"] * 8
+    assert refused == RESOURCE_EXHAUSTED  # 8 MB of the streams' answers wait on that connection
+    assert attempts, "the 8 streams that read nothing did not hold their slots"
+    assert answer.error_message == "" and answer.infer_response.id == "honest"
+    assert slot_free_after >= 2
+    assert held > baseline + 100, f"{baseline:.0f} MB idle, {held:.0f} MB: the streams' answers were not computed"
+    assert after < baseline + 60, f"{baseline:.0f} MB idle, {held:.0f} MB held, {after:.0f} MB after the write timeout"

@@ -56,18 +56,16 @@ def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: A
         if method.client_streaming != method.server_streaming:
             raise ValueError(f"{method.full_name}: only unary and bidirectional streaming methods are served")
         behavior = getattr(servicer, method.name)
-        serializer: Callable[[Any], bytes] | None = response_class.SerializeToString
-        if method.client_streaming:
-            behavior = guards.inference_stream(behavior)
+        serializer = response_class.SerializeToString
+        if method.client_streaming:  # answers are serialized in the guards, which count their bytes
+            behavior = guards.inference_stream(behavior, serializer)
             make_handler = grpc.stream_stream_rpc_method_handler
         else:
-            behavior = guards.unary(behavior, serializer)  # answers bytes, serialized in the guard
+            behavior = guards.unary(behavior, serializer)
             make_handler = grpc.stream_unary_rpc_method_handler
-            serializer = None
         handlers[method.name] = make_handler(
             behavior,
             request_deserializer=guards.noting_large(tolerant_parser(request_class)),
-            response_serializer=serializer,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
