@@ -58,8 +58,9 @@ class ServerConfig(BaseSettings):
                                                  "RESOURCE_EXHAUSTED at once")
     write_timeout_s: float = Field(30.0, gt=0, le=3600, description="a connection whose unread answers have made no "
                                    "progress for this long gets RESOURCE_EXHAUSTED for new calls until it reads them "
-                                   "(gRPC cannot end a call whose answer is written but not read; "
-                                   "max_connection_age_s closes such connections)")
+                                   "(gRPC cannot end a unary call whose answer is written but not read; "
+                                   "max_connection_age_s closes such connections); a ModelStreamInfer stream whose "
+                                   "answer has waited this long is ended")
     model_instances: int = Field(2, ge=1, le=64, description="batches of one model that may compute at once, each "
                                  "on its own worker thread (like Triton's instance count; a batch cheaper than a "
                                  "hand-off to a thread runs on the event loop instead); on the CPU, with "
