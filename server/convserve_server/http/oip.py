@@ -17,9 +17,9 @@ from convserve_server.errors import InvalidInput
 from convserve_server.http import tensors
 from convserve_server.http.errors import UNAVAILABLE
 from convserve_server.http.messages import Call, Reply, json_reply, off_loop_if_large
-from convserve_server.servicers.inference import (
-    FP32, PLATFORM, SERVER_NAME, _check_repository_request, _index_entry, _model_config, _model_statistics,
-    _server_version,
+from convserve_server.triton import (
+    FP32, PLATFORM, SERVER_NAME, check_repository_request, index_entry, model_config, model_statistics,
+    server_version,
 )
 from convserve_server.verification import Verification
 
@@ -105,7 +105,7 @@ class OipEndpoints:
 
     async def server_metadata(self, call: Call) -> Reply:
         """Name, version and extensions."""
-        return json_reply({"name": SERVER_NAME, "version": _server_version(), "extensions": list(EXTENSIONS)})
+        return json_reply({"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)})
 
     async def model_ready(self, call: Call) -> Reply:
         """200 if the version takes requests, 503 if it does not (yet, or any more); unknown: 404."""
@@ -148,31 +148,31 @@ class OipEndpoints:
     async def model_config(self, call: Call) -> Reply:
         """Triton's model configuration, as Triton's HTTP endpoint gives it (the object itself)."""
         setup = self.core.configuration(call.params["name"], call.params.get("version", ""))
-        return json_reply(_proto_json(_model_config(setup)))
+        return json_reply(_proto_json(model_config(setup)))
 
     async def model_statistics(self, call: Call) -> Reply:
         """Triton's statistics of every model, of one, or of one version."""
         served: list[ServedVersion] = self.core.loaded(call.params.get("name", ""), call.params.get("version", ""))
-        response = pb.ModelStatisticsResponse(model_stats=[_model_statistics(version) for version in served])
+        response = pb.ModelStatisticsResponse(model_stats=[model_statistics(version) for version in served])
         return json_reply(_proto_json(response))
 
     async def repository_index(self, call: Call) -> Reply:
         """Triton's repository index: a JSON array of models with their state (``{"ready": true}``: ready only)."""
         only_ready = _optional_object(call.body, "the repository index request").get("ready") is True
         entries = [entry for entry in (await self.core.repository_index()) if entry.ready or not only_ready]
-        return json_reply([_proto_json(_index_entry(entry)) for entry in entries])
+        return json_reply([_proto_json(index_entry(entry)) for entry in entries])
 
     async def repository_load(self, call: Call) -> Reply:
         """Serve a model of the repository, or pick up its new versions."""
         request = _optional_object(call.body, "the load request")
-        _check_repository_request("", request.get("parameters"))
+        check_repository_request("", request.get("parameters"))
         await self.core.load_model(call.params["name"])
         return json_reply({})
 
     async def repository_unload(self, call: Call) -> Reply:
         """Stop serving a model (tritonclient's unload_dependents is accepted: convserve models have none)."""
         request = _optional_object(call.body, "the unload request")
-        _check_repository_request("", request.get("parameters"), accepted=frozenset({"unload_dependents"}))
+        check_repository_request("", request.get("parameters"), accepted=frozenset({"unload_dependents"}))
         await self.core.unload_model(call.params["name"])
         return json_reply({})
 

@@ -12,12 +12,10 @@ import orjson
 
 from convserve_server.core import ServedVersion, element_count
 from convserve_server.errors import InvalidInput, ModelNotFound, quoted
-from convserve_server.servicers.inference import _bytes_tensor, _classifications
 from convserve_server.servicers.tensors import checked_shape, fp32_from_bytes
+from convserve_server.triton import BYTES, FP32, bytes_tensor, classifications
 
 HEADER_LENGTH = "inference-header-content-length"
-FP32 = "FP32"
-BYTES = "BYTES"
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 MAX_COUNT_DIGITS = 18
@@ -174,10 +172,10 @@ def encode_response(served: ServedVersion, request_id: Any, probabilities: np.nd
     """The inference response's body and its content headers: JSON, or JSON then the raw output."""
     name = served.model.card.output_name
     if form.classes:
-        strings = _classifications(probabilities, form.classes, served.model.card.labels)
+        strings = classifications(probabilities, form.classes, served.model.card.labels)
         shape = [len(strings) // form.classes, form.classes]
         output: dict[str, Any] = {"name": name, "datatype": BYTES, "shape": shape}
-        raw = _bytes_tensor(strings) if form.binary else b""
+        raw = bytes_tensor(strings) if form.binary else b""
         data: Any = [string.decode() for string in strings]
     else:
         output = {"name": name, "datatype": FP32, "shape": list(probabilities.shape)}

@@ -3,45 +3,31 @@ streaming inference and its classification, model configuration, statistics and 
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
-from importlib.metadata import PackageNotFoundError, version
+from collections.abc import AsyncIterator
 
 import grpc.aio
 import numpy as np
 
 from convserve_protocol.protos import grpc_predict_v2_pb2 as pb
 from convserve_protocol.protos import grpc_predict_v2_pb2_grpc as pb_grpc
-from convserve_protocol.repository import MODEL_FILENAME
-from convserve_server.core import ModelConfiguration, RepositoryEntry, ServedVersion
+from convserve_server.core import ServedVersion
 from convserve_server.errors import InvalidInput, ModelNotFound, quoted
 from convserve_server.servicers.registration import MalformedRequest
 from convserve_server.servicers.status import Failure, ServicerBase, answer, deadline_of, rpc
 from convserve_server.servicers.streaming import answer_each
 from convserve_server.servicers.tensors import checked_shape, fp32_from_bytes, fp32_from_values
-from convserve_server.statistics import Duration, VersionStatistics
+from convserve_server.triton import (
+    BYTES, FP32, PLATFORM, SERVER_NAME, bytes_tensor, check_repository_request, classifications,
+    index_entry, model_config, model_statistics, server_version,
+)
 from convserve_server.verification import Verification
 
-SERVER_NAME = "convserve"
-PLATFORM = "onnxruntime_onnx"
-BACKEND = "onnxruntime"
 EXTENSIONS = ("convserve.v1.Classifier", "grpc.health.v1.Health", "grpc.reflection",
               "classification", "model_configuration", "statistics", "model_repository")
-FP32 = "FP32"
-BYTES = "BYTES"
 CLASSIFICATION = "classification"
-UINT32_MAX = 2**32 - 1
 MAX_ID_BYTES = 1024
 """Longest request ``id`` (UTF-8 bytes), which the answer echoes: answers stay about as large as the model's output."""
-
-
-@functools.cache  # reading the installed distribution's metadata takes about half a millisecond
-def _server_version() -> str:
-    try:
-        return version("convserve")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 def _decode_input(request: pb.ModelInferRequest, served: ServedVersion) -> np.ndarray:
@@ -96,22 +82,6 @@ def _requested_classes(request: pb.ModelInferRequest, served: ServedVersion) -> 
     return classes
 
 
-def _classifications(probabilities: np.ndarray, count: int, labels: Sequence[str]) -> list[bytes]:
-    """Triton's classification strings, ``<value>:<index>:<label>``, the ``count`` highest per image, row by row."""
-    top = np.argsort(-probabilities, axis=1, kind="stable")[:, :count]
-    strings = []
-    for row, indices in zip(probabilities, top):
-        for index in indices:
-            text = f"{row[index]:f}:{index}"
-            strings.append((f"{text}:{labels[index]}" if index < len(labels) else text).encode())
-    return strings
-
-
-def _bytes_tensor(elements: list[bytes]) -> bytes:
-    """A BYTES tensor's raw contents: each element as a 4-byte little-endian length, then its bytes."""
-    return b"".join(len(element).to_bytes(4, "little") + element for element in elements)
-
-
 def _add_probabilities(response: pb.ModelInferResponse, served: ServedVersion, probabilities: np.ndarray,
                        raw: bool) -> None:
     """The model's output as an FP32 tensor: raw bytes if ``raw``, else typed values."""
@@ -128,7 +98,7 @@ def _add_classifications(response: pb.ModelInferResponse, served: ServedVersion,
     tensor = response.outputs.add(name=served.model.card.output_name, datatype=BYTES,
                                   shape=[len(classes) // count, count])
     if raw:
-        response.raw_output_contents.append(_bytes_tensor(classes))
+        response.raw_output_contents.append(bytes_tensor(classes))
     else:
         tensor.contents.bytes_contents.extend(classes)
 
@@ -151,75 +121,6 @@ def _verification_params(verification: Verification) -> dict[str, pb.InferParame
         params["verification_worst_difference"] = _param(float(verification.worst_difference or 0.0))
         params["verification_tolerance"] = _param(float(verification.tolerance or 0.0))
     return params
-
-
-def _model_config(setup: ModelConfiguration) -> pb.ModelConfig:
-    kind = pb.ModelInstanceGroup.KIND_GPU if setup.on_gpu else pb.ModelInstanceGroup.KIND_CPU
-    return pb.ModelConfig(
-        name=setup.name,
-        platform=PLATFORM,
-        backend=BACKEND,
-        version_policy=pb.ModelVersionPolicy(latest=pb.ModelVersionPolicy.Latest(num_versions=setup.versions_kept)),
-        max_batch_size=setup.max_batch_size,
-        input=[pb.ModelInput(name=setup.input_name, data_type=pb.TYPE_FP32, format=pb.ModelInput.FORMAT_NHWC,
-                             dims=list(setup.input_shape))],
-        output=[pb.ModelOutput(name=setup.output_name, data_type=pb.TYPE_FP32, dims=[setup.num_classes])],
-        dynamic_batching=pb.ModelDynamicBatching(
-            max_queue_delay_microseconds=setup.max_queue_delay_us,
-            default_queue_policy=pb.ModelQueuePolicy(max_queue_size=min(setup.max_queue_size, UINT32_MAX)),
-        ),
-        instance_group=[pb.ModelInstanceGroup(name=setup.name, kind=kind, count=setup.instances)],
-        default_model_filename=MODEL_FILENAME,
-    )
-
-
-def _duration(duration: Duration) -> pb.StatisticDuration:
-    return pb.StatisticDuration(count=duration.count, ns=duration.ns)
-
-
-def _model_statistics(served: ServedVersion) -> pb.ModelStatistics:
-    stats: VersionStatistics = served.statistics
-    # No separate input or output copy step: the model call (compute_infer) holds both, so they take no time.
-    nothing = pb.StatisticDuration(count=stats.compute_infer.count)
-    return pb.ModelStatistics(
-        name=served.name,
-        version=str(served.version),
-        last_inference=stats.last_inference_ms,
-        inference_count=stats.inference_count,
-        execution_count=stats.execution_count,
-        inference_stats=pb.InferStatistics(
-            success=_duration(stats.success), fail=_duration(stats.fail), queue=_duration(stats.queue),
-            compute_input=nothing, compute_infer=_duration(stats.compute_infer), compute_output=nothing,
-        ),
-        batch_stats=[
-            pb.InferBatchStatistics(batch_size=rows, compute_input=pb.StatisticDuration(count=calls.count),
-                                    compute_infer=_duration(calls),
-                                    compute_output=pb.StatisticDuration(count=calls.count))
-            for rows, calls in sorted(stats.batch_compute.items())
-        ],
-    )
-
-
-def _index_entry(entry: RepositoryEntry) -> pb.RepositoryIndexResponse.ModelIndex:
-    return pb.RepositoryIndexResponse.ModelIndex(name=entry.name, version=str(entry.version),
-                                                 state="READY" if entry.ready else "UNAVAILABLE", reason=entry.reason)
-
-
-_MOST_PARAMETERS_NAMED = 4  # of a caller's unsupported repository parameters, in an error message
-
-
-def _check_repository_request(repository_name: str, parameters: Mapping[str, object] | None = None,
-                              accepted: frozenset[str] = frozenset()) -> None:
-    if repository_name:
-        raise InvalidInput(f"this server has one model repository; leave repository_name empty, "
-                           f"got {quoted(repository_name)}")
-    unsupported = sorted(set(parameters or ()) - accepted)
-    if unsupported:
-        shown = unsupported[:_MOST_PARAMETERS_NAMED]
-        more = len(unsupported) - len(shown)
-        named = ", ".join(map(quoted, shown)) + (f" and {more} more" if more else "")
-        raise InvalidInput(f"repository parameters {named} are not supported: "
-                           "a model's files and configuration come from the repository folder")
 
 
 class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
@@ -247,7 +148,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=_server_version(), extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
 
     @rpc("ModelMetadata")
     async def ModelMetadata(
@@ -307,8 +208,8 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
         raw = bool(request.raw_input_contents)  # answered in the form the input came in
         if top_classes:
-            _add_classifications(response, served, _classifications(probabilities, top_classes,
-                                                                    served.model.card.labels), top_classes, raw)
+            _add_classifications(response, served, classifications(probabilities, top_classes,
+                                                                   served.model.card.labels), top_classes, raw)
         else:
             _add_probabilities(response, served, probabilities, raw)
         return response
@@ -317,7 +218,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        return pb.ModelConfigResponse(config=_model_config(self.core.configuration(request.name, request.version)))
+        return pb.ModelConfigResponse(config=model_config(self.core.configuration(request.name, request.version)))
 
     @rpc("ModelStatistics")
     async def ModelStatistics(
@@ -326,21 +227,21 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         if request.version and not request.name:
             raise InvalidInput("a version needs a model name")
         served = self.core.loaded(request.name, request.version)
-        return pb.ModelStatisticsResponse(model_stats=[_model_statistics(version) for version in served])
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(version) for version in served])
 
     @rpc("RepositoryIndex")
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
-        _check_repository_request(request.repository_name)
+        check_repository_request(request.repository_name)
         entries = [entry for entry in (await self.core.repository_index()) if entry.ready or not request.ready]
-        return pb.RepositoryIndexResponse(models=[_index_entry(entry) for entry in entries])
+        return pb.RepositoryIndexResponse(models=[index_entry(entry) for entry in entries])
 
     @rpc("RepositoryModelLoad")
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        _check_repository_request(request.repository_name, request.parameters)
+        check_repository_request(request.repository_name, request.parameters)
         await self.core.load_model(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
@@ -349,7 +250,7 @@ class InferenceServicer(ServicerBase, pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
         # tritonclient always sends unload_dependents; convserve models have no dependents (no ensembles).
-        _check_repository_request(request.repository_name, request.parameters,
-                                  accepted=frozenset({"unload_dependents"}))
+        check_repository_request(request.repository_name, request.parameters,
+                                 accepted=frozenset({"unload_dependents"}))
         await self.core.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
