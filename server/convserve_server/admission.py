@@ -6,8 +6,9 @@ calls that send headers and never a body fill it, and every real caller is then 
 - a call must deliver its request message within ``receive_timeout_s`` of its headers, or it ends with
   DEADLINE_EXCEEDED (a half-open call holds an HTTP/2 stream, not a slot, and not its partial message for
   longer than that);
-- model calls are counted from the moment their request has arrived, by the one call wrapper every method
-  passes through (:func:`convserve_server.servicers.status.answer`), in the core's
+- model calls are counted from the moment their request has arrived (a unary one until gRPC has sent its
+  answer), by the one call wrapper every method passes through
+  (:func:`convserve_server.servicers.status.answer`), in the core's
   :class:`~convserve_server.limits.ConcurrencyLimit`;
 - health ``Watch`` streams are long-lived by design, so they are counted apart, in total and per peer host.
   One beyond the bounds ends UNIMPLEMENTED: gRPC's client-side health checking then takes the server as
@@ -15,7 +16,8 @@ calls that send headers and never a body fill it, and every real caller is then 
 - so are inference streams (Triton's ``ModelStreamInfer``), from their headers on: a stream may stay open and idle
   between requests, as Triton's may, so it has no receive timeout, but one that sends no request message for
   ``stream_idle_timeout_s`` is ended (:class:`StreamDeadlines`; a message it left half-sent is held by gRPC
-  until then). Its requests are bounded by the servicer;
+  until then), and so is one whose answer has waited ``write_timeout_s`` to be written. Its requests are
+  bounded by the servicer;
 - answers handed to gRPC and not yet delivered (a caller that does not read them) are counted per connection
   (:class:`UnsentAnswers`); past a bound, or once they have made no progress for a while, new calls on that
   connection are refused at once.
@@ -48,8 +50,8 @@ LARGE_MESSAGE_BYTES = 1 << 20
 """A request message this large has its memory released soon after (see :mod:`convserve_server.memory`)."""
 
 COUNTED_ANSWER_BYTES = 16 * 1024
-"""Unary answers this large or larger are counted in :class:`UnsentAnswers` until delivered. Smaller ones are
-not (they cost no look-up): a connection holds at most --max-concurrent-streams of them (256 × 16 KiB = 4 MiB)."""
+"""Answers this large or larger are counted in :class:`UnsentAnswers` until delivered. Smaller ones are not
+(they cost no look-up): a connection holds at most --max-concurrent-streams unary ones (256 × 16 KiB = 4 MiB)."""
 
 DEFAULT_MAX_UNSENT_BYTES = 64 * 1024 * 1024
 DEFAULT_WRITE_TIMEOUT_S = 30.0
