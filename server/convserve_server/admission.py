@@ -76,7 +76,7 @@ async def receive_request(context: grpc.aio.ServicerContext, timeout_s: float) -
 
 
 class UnsentAnswers:
-    """Bytes of unary answers handed to gRPC and not yet delivered, per connection, and when each connection's
+    """Bytes of answers handed to gRPC and not yet delivered, per connection, and when each connection's
     answers last made progress.
 
     gRPC's peer string (``ipv4:10.0.0.1:5000``) names one TCP connection. gRPC finishes a call (and runs its
