@@ -107,8 +107,13 @@ class BatchCosts:
         self._compute_s[rows] = _smoothed(self._compute_s.get(rows), seconds)
 
     def observe_handoff(self, seconds: float) -> None:
-        """A batch's time in transit to a thread and back, its compute excluded."""
-        self.handoff_s = _smoothed(self.handoff_s, seconds)
+        """A batch's time in transit to a thread and back, its compute excluded; counted for at most the
+        interpreter's switch interval (``sys.getswitchinterval()``, 5 ms by default).
+
+        A woken thread waits for the GIL at most that long; a longer measurement is the host's scheduling (a
+        loaded machine, a starved thread), and must not talk the estimate into running long batches on the loop.
+        """
+        self.handoff_s = _smoothed(self.handoff_s, min(seconds, sys.getswitchinterval()))
 
     def snapshot(self) -> dict[str, object]:
         """The current estimates, for logs and tests: the hand-off, and the compute time by batch size."""
@@ -264,8 +269,9 @@ class DynamicBatcher:
             answered = await done
             round_trips.append(answered - job.handed)
             wakes.append(job.started - job.handed)
-        self.costs.handoff_s = max(statistics.median(round_trips) - hot, 0.0)
-        self._beyond_wake_s = max(self.costs.handoff_s - statistics.median(wakes), 0.0)
+        self.costs.handoff_s = None
+        self.costs.observe_handoff(max(statistics.median(round_trips) - hot, 0.0))
+        self._beyond_wake_s = max((self.costs.handoff_s or 0.0) - statistics.median(wakes), 0.0)
 
     def _time_model(self, rows: np.ndarray) -> float:
         """The median time of back-to-back runs of the model on ``rows``."""
@@ -459,10 +465,7 @@ class DynamicBatcher:
         else:
             # Only the wake-up is measured here.  The way back waits behind whatever else the loop is doing,
             # which a batch computed on the loop waits behind as well; it and the colder run are as calibrated.
-            # A wake-up waits for the GIL at most the interpreter's switch interval; anything longer is the host's
-            # scheduling, and must not talk the estimate into putting ever larger batches on the loop.
-            wake = min(calls[0].started - job.handed, sys.getswitchinterval())
-            self.costs.observe_handoff(wake + self._beyond_wake_s)
+            self.costs.observe_handoff((calls[0].started - job.handed) + self._beyond_wake_s)
             for computed in calls:
                 self._settle(computed)
         self._schedule_dispatch()

@@ -7,6 +7,7 @@ batch while the test goes on; the placement tests at the end give the batcher kn
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 
@@ -493,3 +494,10 @@ async def test_an_instance_that_breaks_during_calibration_fails_it_instead_of_ha
         await asyncio.wait_for(batcher.calibrate(np.zeros((1, 1), dtype=np.float32)), 10)
     assert not batcher.running
     await asyncio.wait_for(batcher.close(), 10)
+
+
+def test_a_hand_off_counts_for_at_most_the_switch_interval():
+    costs = BatchCosts(compute_s={1: 0.02})
+    costs.observe_handoff(0.7)  # a starved thread on a loaded host: not the hand-off's own cost
+    assert costs.handoff_s == pytest.approx(sys.getswitchinterval())
+    assert not costs.cheaper_on_loop(1)  # a 20 ms batch never runs on the loop
