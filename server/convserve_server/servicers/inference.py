@@ -39,14 +39,15 @@ def _decode_input(request: pb.ModelInferRequest, served: ServedVersion) -> np.nd
         raise InvalidInput(f"unknown input {quoted(tensor.name)}; model {served.name} takes {quoted(card.input_name)}")
     if tensor.datatype != FP32:
         raise InvalidInput(f"input {quoted(tensor.name)} must be FP32, got {tensor.datatype or 'no datatype'}")
-    shape = checked_shape(tensor.shape, f"input {quoted(tensor.name)}", rank=4)
+    what = f"input {quoted(tensor.name)}"
+    shape = checked_shape(tensor.shape, what, rank=4)
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
             raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs")
         if tensor.HasField("contents"):
             raise InvalidInput("an input cannot carry both contents and raw_input_contents")
-        return fp32_from_bytes(request.raw_input_contents[0], shape, f"input {quoted(tensor.name)}")
-    return fp32_from_values(tensor.contents.fp32_contents, shape, f"input {quoted(tensor.name)}")
+        return fp32_from_bytes(request.raw_input_contents[0], shape, what)
+    return fp32_from_values(tensor.contents.fp32_contents, shape, what)
 
 
 def _check_id(request_id: str) -> None:
