@@ -19,7 +19,7 @@ import grpc
 import grpc.aio
 import numpy as np
 import pytest
-from convserve_bench.processes import ServerProcess, process_tree
+from convserve_bench.processes import ServerProcess, cpu_seconds, process_tree
 from PIL import Image, PngImagePlugin
 
 from convserve_protocol.protos import classifier_pb2 as cpb
@@ -32,7 +32,6 @@ from tests.models import write_version
 DEADLINE_S = 1.0
 SMALL_CALL_S = 1.0  # the most a small PNG's call may take while hostile images decode (they take 30 s)
 JPEG_SOS, JPEG_DHT, JPEG_EOI = 0xDA, 0xC4, 0xD9
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- hostile files ---------------------------------------------------------------------------
@@ -118,18 +117,6 @@ async def refusal(call) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     return caught.value
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User and system CPU time these processes have used, those still running."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
 
 
 def running(pid: int) -> bool:
