@@ -34,8 +34,9 @@ class ServerConfig(BaseSettings):
     max_queue_size: int = Field(1024, ge=1, description="queued requests per model before RESOURCE_EXHAUSTED (a "
                                 "request larger than max_batch_size counts once per chunk)")
     max_concurrent_rpcs: int = Field(4096, ge=1, description="model calls in progress (counted once their request "
-                                     "has arrived, a unary one until its answer is sent; health and calls still "
-                                     "sending do not count) before new ones get RESOURCE_EXHAUSTED at once")
+                                     "has arrived, a unary one with an answer of 16 KiB or more until it is sent; "
+                                     "health and calls still sending do not count) before new ones get "
+                                     "RESOURCE_EXHAUSTED at once")
     receive_timeout_s: float = Field(10.0, gt=0, le=3600, description="time a call has, from its headers, to send its "
                                      "whole request message; past it, DEADLINE_EXCEEDED")
     max_concurrent_streams: int = Field(256, ge=1, description="HTTP/2 streams (calls) open at once on one connection; "

@@ -168,17 +168,38 @@ def test_a_connection_whose_answers_stay_unread_past_the_write_timeout_is_refuse
     assert (first, second, late) == ("answered", "answered", RESOURCE_EXHAUSTED)
 
 
-def test_unread_answers_hold_their_admission_slot_until_gRPC_has_sent_them(repository: Path):
-    with GuardedServer(repository, "--max-concurrent-rpcs", "2") as server:
+def test_large_unread_answers_hold_their_admission_slot_until_gRPC_has_sent_them(wide_repository: Path):
+    with GuardedServer(wide_repository, "--max-concurrent-rpcs", "2") as server:
         attacker = UnreadingHttp2(server.address)
-        unread = [attacker.wait_for(attacker.send_call(INFER_PATH, framed(image_request()))) for _ in range(2)]
-        while_unread = one_authenticated_call(server.address)
+        large = framed(wide_request(16))  # 64,000 bytes: large enough to be counted
+        unread = [attacker.wait_for(attacker.send_call(INFER_PATH, large)) for _ in range(2)]
+        while_unread = wide_call(server.address)
         attacker.close()  # gRPC finishes its calls: their slots are free again
         deadline = time.monotonic() + 15
-        while (after_close := one_authenticated_call(server.address)) != grpc.StatusCode.OK:
+        while (after_close := wide_call(server.address)) != grpc.StatusCode.OK:
             assert time.monotonic() < deadline, after_close
     assert unread == ["answered", "answered"]
     assert while_unread == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_small_unread_answers_give_their_slot_back_so_they_cannot_lock_callers_out(repository: Path):
+    with GuardedServer(repository, "--max-concurrent-rpcs", "2") as server:
+        attacker = UnreadingHttp2(server.address)
+        unread = [attacker.wait_for(attacker.send_call(INFER_PATH, framed(image_request()))) for _ in range(8)]
+        while_unread = one_authenticated_call(server.address)
+        attacker.close()
+    assert unread == ["answered"] * 8  # four times the limit, all answered and none read
+    assert while_unread == grpc.StatusCode.OK
+
+
+def wide_call(address: str) -> grpc.StatusCode:
+    """One authenticated ModelInfer of the wide model on a connection of its own: its status code."""
+    with own_channel(address) as channel:
+        try:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(wide_request(1), metadata=AUTH, timeout=10)
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
 
 
 HALF_SENT_STREAMS = 16

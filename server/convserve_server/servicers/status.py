@@ -11,6 +11,7 @@ from typing import Any, Awaitable, Callable, NamedTuple, TypeVar
 import grpc
 import grpc.aio
 
+from convserve_server.admission import COUNTED_ANSWER_BYTES
 from convserve_server.core import InferenceCore
 from convserve_server.errors import (
     DeadlineExpired, InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, Overloaded, ServingError,
@@ -79,12 +80,16 @@ async def answer(servicer: ServicerBase, method: str, handler: Handler[Response]
 
     It runs in one of the core's admission slots (none free: RESOURCE_EXHAUSTED at once) and under the
     shutdown gate. Domain errors become their status codes; anything else is logged and hidden behind INTERNAL.
-    With ``until_sent`` (a unary call: the request is the call's only one) the slot is held until gRPC has
-    finished the call, its answer written, so that answers a caller does not read count against the limit.
+    With ``until_sent`` (a unary call: the request is the call's only one) the slot of a large answer (one
+    :class:`~convserve_server.admission.UnsentAnswers` counts) is held until gRPC has finished the call, its
+    answer written, so that large answers a caller does not read count against the limit.  A small answer's
+    slot is given back at once: holding it would let a caller that never reads fill every slot with requests
+    that cost it nothing (a connection holds at most --max-concurrent-streams small answers, 4 MiB).
     """
     started = time.monotonic()
     admission = servicer.core.admission
     admitted = False
+    response: Any = None
     try:
         if isinstance(request, MalformedRequest):
             raise InvalidInput(f"request is not a valid {request.message_type} message: "
@@ -107,7 +112,7 @@ async def answer(servicer: ServicerBase, method: str, handler: Handler[Response]
         return response
     finally:
         if admitted:
-            if until_sent:
+            if until_sent and response is not None and response.ByteSize() >= COUNTED_ANSWER_BYTES:
                 context.add_done_callback(lambda _context: admission.leave())
             else:
                 admission.leave()
