@@ -38,7 +38,7 @@ from convserve_server.metrics import ServerMetrics
 from convserve_server.ports import check_port_free
 from convserve_server.servicers.classifier import ClassifierServicer
 from convserve_server.servicers.inference import InferenceServicer
-from convserve_server.servicers.registration import add_health_service, add_service
+from convserve_server.servicers.registration import HEALTH_SERVICE, add_health_service, add_service
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class ConvserveServer:
         add_service(self._server, CLASSIFIER_SERVICE, ClassifierServicer(core, metrics, self.decoder), guards)
         add_health_service(self._server, self.health, guards)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (*SERVICE_NAMES, HEALTH_SERVICE, reflection.SERVICE_NAME),
             self._server,
         )
         address = f"{config.host}:{config.port}"
