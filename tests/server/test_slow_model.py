@@ -32,7 +32,8 @@ SIDE = 8
 MIN_BATCH_S = 0.020
 CALLERS = 8
 MAX_BATCH = 2
-LOAD_S = 3.0
+LOAD_S = 2.0
+ROUNDS = 2
 PROBE_EVERY_S = 0.02
 
 
@@ -161,18 +162,19 @@ def load(address: str) -> tuple[float, list[float]]:
     return answered / elapsed, probe_latencies
 
 
-def serve_and_load(repository: Path, instances: int) -> tuple[float, list[float]]:
-    with ServerProcess(repository, "--model-instances", str(instances), "--intra-op-threads", "1",
-                       "--max-batch-size", str(MAX_BATCH), "--log-level", "WARNING") as server:
-        return load(server.address)
-
-
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two instances need two CPUs to compute at once")
 def test_a_slow_model_leaves_the_loop_free_and_two_instances_answer_at_least_1_7_times_one(repository: Path):
-    one, one_probes = serve_and_load(repository, 1)
-    two, two_probes = serve_and_load(repository, 2)
-    for probes in (one_probes, two_probes):
-        p99 = float(np.percentile(probes, 99))
-        assert p99 < 0.010, (f"health and metadata p99 {p99 * 1000:.1f} ms while the model computes (p50 "
-                             f"{np.median(probes) * 1000:.1f} ms, worst {max(probes) * 1000:.1f} ms, {len(probes)} probes)")
-    assert two >= 1.7 * one, f"2 instances: {two:.1f} requests/s, 1 instance: {one:.1f}"
+    flags = ("--intra-op-threads", "1", "--max-batch-size", str(MAX_BATCH), "--log-level", "WARNING")
+    with ServerProcess(repository, "--model-instances", "1", *flags) as one_instance, \
+            ServerProcess(repository, "--model-instances", "2", *flags) as two_instances:
+        # Interleaved rounds, the best of each kept: a burst of other work on a shared host slows one round, not
+        # the comparison.
+        rounds = [(instances, load(server.address)) for _ in range(ROUNDS)
+                  for instances, server in ((1, one_instance), (2, two_instances))]
+    probes = [latency for _, (_, latencies) in rounds for latency in latencies]
+    p99 = float(np.percentile(probes, 99))
+    assert p99 < 0.010, (f"health and metadata p99 {p99 * 1000:.1f} ms while the model computes (p50 "
+                         f"{np.median(probes) * 1000:.1f} ms, worst {max(probes) * 1000:.1f} ms, {len(probes)} probes)")
+    one = max(rate for instances, (rate, _) in rounds if instances == 1)
+    two = max(rate for instances, (rate, _) in rounds if instances == 2)
+    assert two >= 1.7 * one, f"2 instances: {two:.1f} requests/s, 1 instance: {one:.1f} (best of {ROUNDS} rounds each)"
